@@ -1,0 +1,1 @@
+"""Small built-in data files (the demo concept list)."""

@@ -1,0 +1,188 @@
+"""Loading open_clip CLIP models and reading the shape of their ViT image tower.
+
+`load_clip` is the one way fastinterp builds a model: an open_clip name plus either a
+pretrained tag (downloaded by open_clip where there is internet), a local checkpoint file,
+or neither (random weights, what the tests and the offline demo use).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+import torch
+
+TINY_MODEL = "fastinterp-tiny-ViT"
+"""A 4-layer, 64-wide, 4-head ViT registered with open_clip so tests run in seconds."""
+
+_configs_registered = False
+
+
+def _register_configs() -> None:
+    global _configs_registered
+    if _configs_registered:
+        return
+    import open_clip
+
+    open_clip.add_model_config(str(resources.files("fastinterp.model_configs")))
+    _configs_registered = True
+
+
+def _parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a device torch understands; use 'cpu', 'cuda' or 'cuda:N'"
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} asks for CUDA but torch sees no GPU here "
+                f"(torch {torch.__version__}); use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                f"use an index below that"
+            )
+    return dev
+
+
+def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpoint: str | os.PathLike | None = None):
+    """Build an open_clip CLIP model.
+
+    Args:
+        name: open_clip model name, e.g. "ViT-B-16", or `fastinterp.TINY_MODEL`.
+        pretrained: open_clip pretrained tag (e.g. "laion2b_s34b_b88k"); downloads need internet.
+        device: "cpu", "cuda" or "cuda:N".
+        checkpoint: path to a local state-dict / open_clip checkpoint file; excludes `pretrained`.
+
+    Returns:
+        (model, preprocess, tokenizer): model in eval mode on `device`, the eval image
+        transform, and the text tokenizer. With neither `pretrained` nor `checkpoint`
+        the weights are random (seeded by torch's global RNG).
+    """
+    import open_clip
+
+    _register_configs()
+    dev = _parse_device(device)
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown open_clip model {name!r}.{hint} `open_clip.list_models()` lists all "
+            f"{len(known)} names; fastinterp adds {TINY_MODEL!r} for quick tests."
+        )
+    if pretrained is not None and checkpoint is not None:
+        raise ValueError("give either pretrained= (an open_clip tag) or checkpoint= (a local file), not both")
+    if checkpoint is not None:
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"checkpoint {path!r} does not exist; pass the path of a saved state dict or "
+                f"open_clip checkpoint (.pt/.bin/.safetensors)"
+            )
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=dev)
+    if checkpoint is not None:
+        try:
+            open_clip.load_checkpoint(model, path, device=dev)
+        except Exception as err:  # open_clip raises many types for bad files
+            raise ValueError(
+                f"could not load checkpoint {path!r} into {name!r}: {err}. Check that the file is a "
+                f"complete state dict saved for this same model config."
+            ) from err
+    model.eval()
+    model.fastinterp_name = name
+    model.fastinterp_weights = checkpoint and os.fspath(checkpoint) or pretrained or "random"
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+@dataclass(frozen=True)
+class ViTInfo:
+    """Shape of an open_clip ViT image tower."""
+
+    layers: int
+    heads: int
+    width: int
+    head_dim: int
+    output_dim: int
+    patch_grid: tuple[int, int]
+    image_size: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_grid[0] * self.patch_grid[1]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def vision_transformer(model):
+    """The model's `open_clip.transformer.VisionTransformer`, or a clear error if it has none."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(model, "visual", model)
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(
+            f"this method needs a ViT image tower (open_clip VisionTransformer), but the model's "
+            f"visual tower is {type(visual).__name__}. Use a ViT model such as 'ViT-B-16' or "
+            f"{TINY_MODEL!r}; ResNet and timm towers are not supported."
+        )
+    attn = visual.transformer.resblocks[0].attn
+    if not isinstance(attn, torch.nn.MultiheadAttention):
+        raise TypeError(
+            f"the ViT's attention is {type(attn).__name__}; fastinterp reads the weights of "
+            f"torch.nn.MultiheadAttention blocks (the standard open_clip ViT)."
+        )
+    return visual
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def vit_info(model) -> ViTInfo:
+    """Layers, heads, width, head dim, joint-space dim, patch grid and image size of a ViT."""
+    visual = vision_transformer(model)
+    attn = visual.transformer.resblocks[0].attn
+    return ViTInfo(
+        layers=len(visual.transformer.resblocks),
+        heads=attn.num_heads,
+        width=visual.transformer.width,
+        head_dim=attn.head_dim,
+        output_dim=visual.output_dim,
+        patch_grid=_pair(visual.grid_size),
+        image_size=_pair(visual.image_size),
+    )
+
+
+def check_layers(model, layers) -> list[int]:
+    """Validate layer indices (negative counts from the end); returns them non-negative."""
+    n = vit_info(model).layers
+    out = []
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer indices must be ints, got {layer!r}")
+        if not -n <= layer < n:
+            raise IndexError(f"layer {layer} is out of range for a ViT with {n} layers (0..{n - 1})")
+        out.append(layer % n)
+    return out
+
+
+def weights_hash(model, *, exclude_prefix: str | None = None) -> str:
+    """SHA-256 over the state dict (names, shapes, dtypes, bytes), skipping keys that start
+    with `exclude_prefix` (e.g. "visual." to key text embeddings on the text tower only)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        if exclude_prefix and key.startswith(exclude_prefix):
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
