@@ -82,7 +82,8 @@ class ConceptDictionary(Sequence[str]):
         from open_clip.tokenizer import default_bpe
 
         with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-            merges = f.read().split("\n")[1:]
+            # the tokenizer uses only the first 49152 - 256 - 2 merges of the file
+            merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
         words = []
         for merge in merges:
             token = merge.replace(" ", "")
