@@ -2,6 +2,10 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
+import pytest
+
 import fastinterp
 from fastinterp.cli import main
 
@@ -27,9 +31,17 @@ def test_cli_error_exit_code(tmp_path, capsys):
     assert "Did you mean" in capsys.readouterr().err
 
 
-def test_console_script_installed():
-    r = subprocess.run([sys.executable, "-m", "fastinterp.cli", "info"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and fastinterp.__version__ in r.stdout
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("where", ["outside", "checkout"])
+def test_cli_runs_installed_and_from_a_checkout(tmp_path, where):
+    # from the repository root the source folder shadows the installed package: both must work
+    cwd = tmp_path if where == "outside" else REPO_ROOT
+    r = subprocess.run([sys.executable, "-m", "fastinterp.cli", "info"], capture_output=True, text=True,
+                       timeout=120, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert fastinterp.__version__ in r.stdout and "backends available" in r.stdout
 
 
 def test_no_top_level_kernels_module_installed(tmp_path):
