@@ -19,6 +19,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 from .concepts import ConceptDictionary, center_embeddings, encode_texts
 from .models import TINY_MODEL, ViTInfo, load_clip, vit_info
 from .kernels.mi import mutual_info_score
+from .kernels.sinkhorn import sinkhorn
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "encode_texts",
     "load_clip",
     "mutual_info_score",
+    "sinkhorn",
     "vit_info",
 ]

@@ -1,0 +1,673 @@
+"""Entropic optimal transport by Sinkhorn-Knopp matrix scaling (Numba, CPU), one problem or
+many small ones in ONE parallel call.
+
+Public functions:
+
+* ``sinkhorn(a, b, M, reg, numItermax=1000, stopThr=1e-9, ..., method=...)``: POT's
+  ``ot.sinkhorn`` contract (returns the (n, m) transport plan). Methods:
+
+  - "sinkhorn" (POT's ``sinkhorn_knopp``): u = 1/n, v = 1/m; each iteration
+    v = b / (K^T u), u = 1 / ((1/a) * (K v)) with K = exp(-M / reg); it stops (keeping the
+    previous iterate) as soon as K^T u has a zero or u, v a NaN/inf, and every 10th iteration
+    (ii % 10 == 0) measures err = ||u^T K diag(v) - b||_2 and stops when err < stopThr.
+    Same iterations, same stopping rule and accounting as POT, so plans agree to ~1e-12.
+  - "sinkhorn_log" (POT's ``sinkhorn_log``): the same iteration on log-potentials with
+    log-sum-exp, finite for small reg (e.g. 1e-3) where K under/overflows.
+  - "reference" (alias "fixed_iterations"): the mutual-knowledge reference's loop:
+    P = exp(-M / reg), then numItermax times rows normalised to sum 1, then columns normalised
+    to sum 1; no stopping rule, a and b unused (uniform). With M = -2.5 S and reg = 1 this
+    is P = exp(2.5 S) as in the reference (see ``sinkhorn_fixed`` for the similarity form).
+
+* ``sinkhorn_batched(a, b, M, reg, ...)``: many problems (a list of ragged (n_b, m_b) costs,
+  or a padded (B, n, m) array with ``shapes``) solved in one ``prange`` over problems; each
+  problem's result is identical to ``sinkhorn`` on it alone.
+* ``sinkhorn_fixed(S, scale=2.5, epsilon=1.0, iters=1000)``: the reference's Sinkhorn on a
+  similarity matrix S (or a list of them): P = exp((S * scale) * epsilon), rows then columns.
+
+Inputs: numpy arrays, lists, or CPU torch tensors (a torch input gives a torch output).
+Everything is computed in float64; the plan comes back in the inputs' floating dtype.
+Bad input (NaN/inf or negative costs, negative or non-finite marginals, marginals whose sums
+differ, shape mismatches, reg <= 0) raises a ValueError naming the problem. Negative costs
+are refused for the two POT methods unless ``allow_negative_cost=True``: the plan does not
+change when a constant is added to M, so ``M - M.min()`` is the usual fix.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .dispatch import choose_backend
+
+__all__ = ["METHODS", "sinkhorn", "sinkhorn_batched", "sinkhorn_fixed"]
+
+METHODS = {"sinkhorn": 0, "sinkhorn_knopp": 0, "sinkhorn_log": 1, "reference": 2, "fixed_iterations": 2}
+_OTHER_POT_METHODS = ("greenkhorn", "sinkhorn_stabilized", "sinkhorn_epsilon_scaling")
+
+# status codes written by the kernels
+CONVERGED, NOT_CONVERGED, NUMERICAL_ERROR, BAD_COST_NONFINITE, BAD_COST_NEGATIVE = 0, 1, 2, 3, 4
+
+_FLAGS = {"reassoc", "contract"}  # reassociation vectorises the dot products; NaN/inf checks stay exact
+
+
+# ----------------------------------------------------------------------------------------
+# Numba kernels: one problem, addressed inside flat buffers
+# ----------------------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FLAGS)
+def _check_cost(M, moff, n, m, ld, check_negative):
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            x = M[base + j]
+            if not math.isfinite(x):
+                return BAD_COST_NONFINITE
+            if check_negative and x < 0.0:
+                return BAD_COST_NEGATIVE
+    return CONVERGED
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FLAGS)
+def _knopp(M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, errs, out):
+    """POT's sinkhorn_knopp on one problem. u (n,), v (m,) hold the start point; on return
+    the final scalings. Writes the plan into out (flat, row stride ld). Returns
+    (niter, status, last err)."""
+    K = np.empty((n, m))
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            K[i, j] = math.exp(M[base + j] / (-reg))
+    inv_a = np.empty(n)
+    for i in range(n):
+        inv_a[i] = 1.0 / a[i]
+    ktu = np.empty(m)
+    v_new = np.empty(m)
+    u_new = np.empty(n)
+    col = np.empty(m)
+    err = 1.0
+    status = NOT_CONVERGED
+    niter = numItermax - 1 if numItermax > 0 else 0
+    n_err = 0
+    for ii in range(numItermax):
+        for j in range(m):
+            ktu[j] = 0.0
+        for i in range(n):
+            ui = u[i]
+            for j in range(m):
+                ktu[j] += K[i, j] * ui
+        bad = False
+        for j in range(m):
+            v_new[j] = b[j] / ktu[j]
+            if ktu[j] == 0.0 or not math.isfinite(v_new[j]):
+                bad = True
+        for i in range(n):
+            s = 0.0
+            for j in range(m):
+                s += (inv_a[i] * K[i, j]) * v_new[j]
+            u_new[i] = 1.0 / s
+            if not math.isfinite(u_new[i]):
+                bad = True
+        if bad:  # machine precision reached: keep the previous iterate and stop
+            status = NUMERICAL_ERROR
+            niter = ii
+            break
+        for i in range(n):
+            u[i] = u_new[i]
+        for j in range(m):
+            v[j] = v_new[j]
+        if ii % 10 == 0:
+            for j in range(m):
+                col[j] = 0.0
+            for i in range(n):
+                ui = u[i]
+                for j in range(m):
+                    col[j] += ui * K[i, j] * v[j]
+            sq = 0.0
+            for j in range(m):
+                d = col[j] - b[j]
+                sq += d * d
+            err = math.sqrt(sq)
+            if n_err < errs.shape[0]:
+                errs[n_err] = err
+            n_err += 1
+            if err < stopThr:
+                status = CONVERGED
+                niter = ii
+                break
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            out[base + j] = u[i] * K[i, j] * v[j]
+    return niter, status, err
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FLAGS)
+def _lse(x, k):
+    """log(sum(exp(x[:k]))) with the max shifted out (a non-finite max shifts by 0)."""
+    mx = -np.inf
+    for t in range(k):
+        if x[t] > mx:
+            mx = x[t]
+    if not math.isfinite(mx):
+        mx = 0.0
+    s = 0.0
+    for t in range(k):
+        s += math.exp(x[t] - mx)
+    return math.log(s) + mx
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FLAGS)
+def _log_domain(M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, errs, out):
+    """POT's sinkhorn_log on one problem; u (n,), v (m,) are log-potentials (start point in,
+    final out). Writes the plan into out. Returns (niter, status, last err)."""
+    Mr = np.empty((n, m))
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            Mr[i, j] = -M[base + j] / reg
+    loga = np.empty(n)
+    logb = np.empty(m)
+    for i in range(n):
+        loga[i] = math.log(a[i])
+    for j in range(m):
+        logb[j] = math.log(b[j])
+    buf_n = np.empty(n)
+    buf_m = np.empty(m)
+    err = 1.0
+    status = NOT_CONVERGED
+    niter = numItermax - 1 if numItermax > 0 else 0
+    n_err = 0
+    for ii in range(numItermax):
+        for j in range(m):
+            for i in range(n):
+                buf_n[i] = Mr[i, j] + u[i]
+            v[j] = logb[j] - _lse(buf_n, n)
+        for i in range(n):
+            for j in range(m):
+                buf_m[j] = Mr[i, j] + v[j]
+            u[i] = loga[i] - _lse(buf_m, m)
+        if ii % 10 == 0:
+            sq = 0.0
+            for j in range(m):
+                c = 0.0
+                for i in range(n):
+                    c += math.exp(Mr[i, j] + u[i] + v[j])
+                d = c - b[j]
+                sq += d * d
+            err = math.sqrt(sq)
+            if n_err < errs.shape[0]:
+                errs[n_err] = err
+            n_err += 1
+            if err < stopThr:
+                status = CONVERGED
+                niter = ii
+                break
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            out[base + j] = math.exp(Mr[i, j] + u[i] + v[j])
+    return niter, status, err
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FLAGS)
+def _fixed(M, moff, n, m, ld, reg, iters, out):
+    """The reference's loop: P = exp(-M / reg); iters x (rows to sum 1, then columns)."""
+    P = np.empty((n, m))
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            P[i, j] = math.exp(M[base + j] / (-reg))
+    colsum = np.empty(m)
+    for _ in range(iters):
+        for i in range(n):
+            s = 0.0
+            for j in range(m):
+                s += P[i, j]
+            for j in range(m):
+                P[i, j] /= s
+        for j in range(m):
+            colsum[j] = 0.0
+        for i in range(n):
+            for j in range(m):
+                colsum[j] += P[i, j]
+        for i in range(n):
+            for j in range(m):
+                P[i, j] /= colsum[j]
+    for i in range(n):
+        base = moff + i * ld
+        for j in range(m):
+            out[base + j] = P[i, j]
+    return (iters - 1 if iters > 0 else 0), CONVERGED, 0.0
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FLAGS)
+def _solve_one(method, M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, errs, out,
+               check_negative):
+    bad = _check_cost(M, moff, n, m, ld, check_negative)
+    if bad != CONVERGED:
+        return 0, bad, np.nan
+    if method == 0:
+        return _knopp(M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, errs, out)
+    if method == 1:
+        return _log_domain(M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, errs, out)
+    return _fixed(M, moff, n, m, ld, reg, numItermax, out)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _solve_many(method, M, moff, ld, nrows, ncols, a, aoff, b, boff, reg, u, v, numItermax,
+                stopThr, out, check_negative, warm, niter, status, err):
+    """Problem p: cost rows M[moff[p] + i * ld[p] : ... + ncols[p]], i < nrows[p]; marginals
+    a[aoff[p]: + nrows[p]], b[boff[p]: + ncols[p]]; scalings/potentials u, v at the same
+    offsets as a, b (used as start points when warm); plan into out at M's layout."""
+    no_errs = np.empty(0)
+    for p in prange(moff.shape[0]):
+        n = nrows[p]
+        m = ncols[p]
+        up = u[aoff[p]:aoff[p] + n]
+        vp = v[boff[p]:boff[p] + m]
+        if not warm:
+            for i in range(n):
+                up[i] = 0.0 if method == 1 else 1.0 / n
+            for j in range(m):
+                vp[j] = 0.0 if method == 1 else 1.0 / m
+        it, st, e = _solve_one(method, M, moff[p], n, m, ld[p], a[aoff[p]:aoff[p] + n],
+                               b[boff[p]:boff[p] + m], reg[p], up, vp, numItermax, stopThr,
+                               no_errs, out, check_negative)
+        niter[p] = it
+        status[p] = st
+        err[p] = e
+
+
+# ----------------------------------------------------------------------------------------
+# Input handling
+# ----------------------------------------------------------------------------------------
+
+
+def _as_array(x, name: str) -> tuple[np.ndarray, bool]:
+    """numpy view/copy of x; True when it was a torch tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.is_cuda:
+            raise RuntimeError(f"sinkhorn runs on the CPU (Numba): move {name} to the CPU")
+        return x.detach().numpy(), True
+    return np.asarray(x), False
+
+
+def _float_dtype(*arrays) -> np.dtype:
+    kinds = [x.dtype for x in arrays if x is not None and x.size and x.dtype.kind == "f"]
+    return np.result_type(*kinds) if kinds else np.dtype(np.float64)
+
+
+def _method_code(method) -> int:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {method!r}")
+    key = method.lower()
+    if key in METHODS:
+        return METHODS[key]
+    if key in _OTHER_POT_METHODS:
+        raise NotImplementedError(f"method={method!r} is not implemented here; use 'sinkhorn', "
+                                  f"'sinkhorn_log' (small reg) or ot.sinkhorn for {method!r}")
+    raise ValueError(f"method={method!r}: choose one of {sorted(METHODS)}")
+
+
+def _check_scalars(numItermax, stopThr) -> tuple[int, float]:
+    if isinstance(numItermax, bool) or not float(numItermax).is_integer() or numItermax < 0:
+        raise ValueError(f"numItermax={numItermax!r} must be an integer >= 0")
+    stopThr = float(stopThr)
+    if not (stopThr >= 0.0) or math.isnan(stopThr):
+        raise ValueError(f"stopThr={stopThr!r} must be a number >= 0")
+    return int(numItermax), stopThr
+
+
+def _check_marginal(x: np.ndarray, name: str, size: int, problem: str = "") -> None:
+    if x.ndim != 1:
+        raise ValueError(f"{name}{problem} must be 1-D (a histogram), got shape {x.shape}"
+                         + ("; for many problems use sinkhorn_batched" if x.ndim == 2 else ""))
+    if x.shape[0] != size:
+        raise ValueError(f"{name}{problem} has {x.shape[0]} entries but M has {size} "
+                         f"{'rows' if name == 'a' else 'columns'}: shape mismatch")
+    if x.dtype.kind not in "iuf":
+        raise TypeError(f"{name}{problem} must be numeric, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}{problem} contains NaN or infinity")
+    if (x < 0).any():
+        raise ValueError(f"{name}{problem} has negative entries: marginals are non-negative weights")
+
+
+def _sums_match(sa, sb, dtype) -> np.ndarray:
+    rtol = 1e-4 if dtype == np.float32 else 1e-6
+    return np.abs(sa - sb) <= rtol * np.maximum(np.abs(sa), np.abs(sb)) + 1e-12
+
+
+def _raise_bad_cost(status: np.ndarray, what: str) -> None:
+    nonfinite = np.flatnonzero(status == BAD_COST_NONFINITE)
+    if nonfinite.size:
+        raise ValueError(f"M{what} contains NaN or infinity" + (
+            f" (problems {nonfinite[:10].tolist()})" if what else ""))
+    negative = np.flatnonzero(status == BAD_COST_NEGATIVE)
+    if negative.size:
+        raise ValueError(
+            f"M{what} has negative costs" + (f" (problems {negative[:10].tolist()})" if what else "")
+            + ": the plan is unchanged when a constant is added to M, so pass M - M.min(), or "
+              "allow_negative_cost=True to solve as is")
+
+
+def _warn_status(status: np.ndarray, niter: np.ndarray, err: np.ndarray, numItermax: int,
+                 stopThr: float, batched: bool) -> None:
+    numerical = np.flatnonzero(status == NUMERICAL_ERROR)
+    if numerical.size:
+        where = (f"{numerical.size} of {status.size} problems (first: {numerical[:5].tolist()})"
+                 if batched else f"iteration {int(niter[0])}")
+        warnings.warn(f"sinkhorn: numerical errors (K^T u hit 0, or u/v overflowed) at {where}; "
+                      f"the previous iterate is returned. method='sinkhorn_log' or a larger reg "
+                      f"avoids this", UserWarning, stacklevel=3)
+    slow = np.flatnonzero(status == NOT_CONVERGED)
+    if slow.size:
+        which = f"{slow.size} of {status.size} problems" if batched else "the problem"
+        warnings.warn(f"sinkhorn did not converge for {which} in numItermax={numItermax} iterations "
+                      f"(marginal error {float(np.max(err[slow])):.3g} > stopThr={stopThr:g}): "
+                      f"increase numItermax or reg", UserWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+
+def sinkhorn(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
+             warmstart=None, *, method: str = "sinkhorn", allow_negative_cost: bool = False,
+             backend: str | None = None):
+    """Entropic OT plan: POT's ``ot.sinkhorn`` contract.
+
+    Args:
+        a: (n,) source weights, or [] for uniform.
+        b: (m,) target weights, or [] for uniform (sum(b) must equal sum(a)).
+        M: (n, m) cost matrix, finite (non-negative unless ``allow_negative_cost``).
+        reg: regularisation > 0.
+        numItermax: maximum iterations ("reference": the exact number of iterations).
+        stopThr: stop when the column-marginal error (checked every 10th iteration) < stopThr.
+        verbose: print the errors as POT does (after the solve).
+        log: also return a dict like POT's: "err" (list), "niter" (index of the last
+            iteration), "u", "v" (and "log_u", "log_v" for "sinkhorn_log").
+        warn: warn on non-convergence or numerical errors.
+        warmstart: (log_u (n,), log_v (m,)) start potentials, as in POT.
+        method: "sinkhorn" (default), "sinkhorn_log", or "reference"/"fixed_iterations".
+            A string in the numItermax position is read as the method (POT's positional
+            order is ``sinkhorn(a, b, M, reg, method, numItermax, ...)``).
+        allow_negative_cost: accept negative entries of M.
+        backend: None or "numba".
+
+    Returns:
+        (n, m) plan, numpy (or a CPU torch tensor when M is one), in the inputs' float dtype;
+        with ``log=True`` the tuple (plan, log dict).
+    """
+    if isinstance(numItermax, str):  # POT's positional order: (a, b, M, reg, method, ...)
+        if not (isinstance(stopThr, float) and stopThr == 1e-9):
+            raise TypeError("sinkhorn(a, b, M, reg, method, ...): with the method as 5th positional "
+                            "argument (POT's order) pass numItermax=..., stopThr=... by keyword")
+        method, numItermax = numItermax, 1000
+    code = _method_code(method)
+    numItermax, stopThr = _check_scalars(numItermax, stopThr)
+    choose_backend("sinkhorn", [x for x in (a, b, M) if isinstance(x, torch.Tensor)],
+                   cpu="numba", gpu=None, backend=backend)
+    M_np, M_torch = _as_array(M, "M")
+    a_np, _ = _as_array(a, "a")
+    b_np, _ = _as_array(b, "b")
+    if M_np.ndim != 2:
+        raise ValueError(f"M must be a 2-D cost matrix (n, m), got shape {M_np.shape}")
+    if M_np.dtype.kind not in "iuf":
+        raise TypeError(f"M must be numeric, got dtype {M_np.dtype}")
+    n, m = M_np.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"M has shape {M_np.shape}: need at least one row and one column")
+    out_dtype = _float_dtype(M_np, a_np, b_np)
+    given = a_np.size > 0 or b_np.size > 0
+    a_np = np.full(n, 1.0 / n) if a_np.size == 0 else a_np
+    b_np = np.full(m, 1.0 / m) if b_np.size == 0 else b_np
+    _check_marginal(a_np, "a", n)
+    _check_marginal(b_np, "b", m)
+    if code == 2 and given and (np.ptp(a_np) > 0 or np.ptp(b_np) > 0):
+        raise ValueError(f"method={method!r} normalises rows and columns to 1 (uniform marginals "
+                         f"only): pass a=[] and b=[], or use method='sinkhorn' for other weights")
+    reg = float(reg)
+    if not (reg > 0.0 and math.isfinite(reg)):
+        raise ValueError(f"reg={reg!r} must be a finite number > 0")
+    if code != 2 and not _sums_match(a_np.sum(dtype=np.float64), b_np.sum(dtype=np.float64), out_dtype):
+        raise ValueError(f"the marginals must carry the same mass: sum(a) = {a_np.sum():.9g} but "
+                         f"sum(b) = {b_np.sum():.9g}; normalise both (e.g. a / a.sum(), b / b.sum())")
+    Mf = np.ascontiguousarray(M_np, dtype=np.float64).reshape(-1)
+    af = np.ascontiguousarray(a_np, dtype=np.float64)
+    bf = np.ascontiguousarray(b_np, dtype=np.float64)
+    if warmstart is not None:
+        wu, wv = (np.asarray(_as_array(w, "warmstart")[0], dtype=np.float64).reshape(-1) for w in warmstart)
+        if wu.shape != (n,) or wv.shape != (m,):
+            raise ValueError(f"warmstart must be (log_u of shape ({n},), log_v of shape ({m},))")
+        u = wu.copy() if code == 1 else np.exp(wu)
+        v = wv.copy() if code == 1 else np.exp(wv)
+    else:
+        u = np.zeros(n) if code == 1 else np.full(n, 1.0 / n)
+        v = np.zeros(m) if code == 1 else np.full(m, 1.0 / m)
+    errs = np.full(numItermax // 10 + 1, np.nan)
+    out = np.empty(n * m)
+    niter, status, err = _solve_one(code, Mf, 0, n, m, m, af, bf, reg, u, v, numItermax, stopThr,
+                                    errs, out, code != 2 and not allow_negative_cost)
+    _raise_bad_cost(np.array([status]), "")
+    if warn and code != 2:
+        _warn_status(np.array([status]), np.array([niter]), np.array([err]), numItermax, stopThr, False)
+    errs = errs[~np.isnan(errs)]
+    if verbose:
+        for k, e in enumerate(errs):
+            if k % 20 == 0:
+                print("{:5s}|{:12s}".format("It.", "Err") + "\n" + "-" * 19)
+            print("{:5d}|{:8e}|".format(10 * k, e))
+    plan = out.reshape(n, m).astype(out_dtype, copy=False)
+    plan = torch.from_numpy(plan) if M_torch else plan
+    if not log:
+        return plan
+    info = {"err": [float(e) for e in errs], "niter": int(niter), "status": int(status)}
+    wrap = torch.from_numpy if M_torch else (lambda x: x)
+    if code == 1:
+        with np.errstate(over="ignore", under="ignore"):
+            info.update(log_u=wrap(u), log_v=wrap(v), u=wrap(np.exp(u)), v=wrap(np.exp(v)))
+    else:
+        info.update(u=wrap(u), v=wrap(v))
+    return plan, info
+
+
+def _ragged(x, name: str, count: int):
+    """None/[] -> None; a (B, k) array -> list of its rows; a list -> list of numpy arrays."""
+    if x is None:
+        return None
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        arr, _ = _as_array(x, name)
+        if arr.ndim == 1 and arr.size == 0:
+            return None
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be a list of 1-D marginals or a (B, k) array, got shape {arr.shape}")
+        rows = list(arr)
+    else:
+        rows = [_as_array(r, f"{name}[{p}]")[0] for p, r in enumerate(x)]
+        if not rows:
+            return None
+    if len(rows) != count:
+        raise ValueError(f"{name} has {len(rows)} marginals for {count} problems")
+    return rows
+
+
+def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str = "sinkhorn",
+                     shapes=None, log: bool = False, warn: bool = True,
+                     allow_negative_cost: bool = False, backend: str | None = None):
+    """Many independent Sinkhorn problems in one parallel Numba call (``prange`` over problems).
+
+    Args:
+        a: None (uniform), a list of B 1-D source weights (n_b,), or a (B, n) array
+            (entries past n_b ignored).
+        b: None, a list of B (m_b,) target weights, or a (B, m) array.
+        M: a list of B cost matrices (n_b, m_b) (ragged), or a padded (B, n, m) array.
+        reg: one float, or (B,) per-problem values.
+        numItermax, stopThr, method, allow_negative_cost: as in ``sinkhorn``.
+        shapes: (B, 2) ints, the valid (n_b, m_b) of each padded problem (padded M only).
+        log: also return {"niter": (B,), "status": (B,) 0 converged / 1 iteration limit /
+            2 numerical error, "err": (B,) last measured marginal error}.
+
+    Returns:
+        a list of (n_b, m_b) plans for list input, or a (B, n, m) array (zero outside each
+        problem's shape) for padded input; numpy, or torch for torch input. Problem b's plan
+        equals ``sinkhorn(a[b], b[b], M[b], reg[b], ...)`` exactly.
+    """
+    code = _method_code(method)
+    numItermax, stopThr = _check_scalars(numItermax, stopThr)
+    padded = isinstance(M, (np.ndarray, torch.Tensor))
+    torch_in = isinstance(M, torch.Tensor) or (not padded and len(M) and isinstance(M[0], torch.Tensor))
+    choose_backend("sinkhorn_batched", [M] if isinstance(M, torch.Tensor) else
+                   ([M[0]] if torch_in else []), cpu="numba", gpu=None, backend=backend)
+    if padded:
+        M3, _ = _as_array(M, "M")
+        if M3.ndim != 3:
+            raise ValueError(f"a padded batch M must be (B, n, m), got shape {M3.shape}; or pass a list of 2-D costs")
+        if M3.dtype.kind not in "iuf":
+            raise TypeError(f"M must be numeric, got dtype {M3.dtype}")
+        B, n_max, m_max = M3.shape
+        if shapes is None:
+            nrows = np.full(B, n_max, dtype=np.int64)
+            ncols = np.full(B, m_max, dtype=np.int64)
+        else:
+            shp = np.asarray(shapes)
+            if shp.shape != (B, 2) or shp.dtype.kind not in "iu":
+                raise ValueError(f"shapes must be a (B, 2) integer array of (n_b, m_b), got {shp.shape} {shp.dtype}")
+            nrows = shp[:, 0].astype(np.int64)
+            ncols = shp[:, 1].astype(np.int64)
+            if (nrows < 1).any() or (ncols < 1).any() or (nrows > n_max).any() or (ncols > m_max).any():
+                raise ValueError(f"shapes must lie within 1..{n_max} rows and 1..{m_max} columns")
+        Mf = np.ascontiguousarray(M3, dtype=np.float64).reshape(-1)
+        moff = np.arange(B, dtype=np.int64) * (n_max * m_max)
+        ld = np.full(B, m_max, dtype=np.int64)
+        out_dtype = _float_dtype(M3)
+    else:
+        mats = [_as_array(x, f"M[{p}]")[0] for p, x in enumerate(M)]
+        B = len(mats)
+        for p, x in enumerate(mats):
+            if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+                raise ValueError(f"M[{p}] must be a non-empty 2-D cost matrix, got shape {x.shape}")
+            if x.dtype.kind not in "iuf":
+                raise TypeError(f"M[{p}] must be numeric, got dtype {x.dtype}")
+        nrows = np.fromiter((x.shape[0] for x in mats), dtype=np.int64, count=B)
+        ncols = np.fromiter((x.shape[1] for x in mats), dtype=np.int64, count=B)
+        sizes = nrows * ncols
+        moff = np.zeros(B, dtype=np.int64)
+        if B:
+            np.cumsum(sizes[:-1], out=moff[1:])
+        Mf = (np.concatenate([x.reshape(-1) for x in mats]).astype(np.float64, copy=False)
+              if B else np.zeros(0))
+        ld = ncols.copy()
+        out_dtype = _float_dtype(*mats) if B else np.dtype(np.float64)
+    if B == 0:
+        return ([] if not padded else np.zeros((0,) + tuple(M3.shape[1:]), dtype=out_dtype)) if not log \
+            else ([], {"niter": np.zeros(0, np.int64), "status": np.zeros(0, np.int64), "err": np.zeros(0)})
+
+    aoff = np.zeros(B, dtype=np.int64)
+    np.cumsum(nrows[:-1], out=aoff[1:])
+    boff = np.zeros(B, dtype=np.int64)
+    np.cumsum(ncols[:-1], out=boff[1:])
+    flat_a = _flat_marginals(a, "a", nrows, aoff, padded)
+    flat_b = _flat_marginals(b, "b", ncols, boff, padded)
+    if code != 2:
+        sa = np.add.reduceat(flat_a, aoff)
+        sb = np.add.reduceat(flat_b, boff)
+        bad = np.flatnonzero(~_sums_match(sa, sb, out_dtype))
+        if bad.size:
+            p = int(bad[0])
+            raise ValueError(f"the marginals of {bad.size} problems carry different mass (problem {p}: "
+                             f"sum(a) = {sa[p]:.9g}, sum(b) = {sb[p]:.9g}); normalise both")
+    regs = np.broadcast_to(np.asarray(reg, dtype=np.float64), (B,)).copy() if np.ndim(reg) == 0 \
+        else np.asarray(_as_array(reg, "reg")[0], dtype=np.float64)
+    if regs.shape != (B,):
+        raise ValueError(f"reg must be a float or one value per problem ({B},), got shape {regs.shape}")
+    if not (np.isfinite(regs).all() and (regs > 0).all()):
+        raise ValueError("reg must be finite and > 0 for every problem")
+
+    u = np.empty(flat_a.shape[0])
+    v = np.empty(flat_b.shape[0])
+    out = np.zeros(Mf.shape[0])
+    niter = np.zeros(B, dtype=np.int64)
+    status = np.zeros(B, dtype=np.int64)
+    err = np.zeros(B)
+    _solve_many(code, Mf, moff, ld, nrows, ncols, flat_a, aoff, flat_b, boff, regs, u, v,
+                numItermax, stopThr, out, code != 2 and not allow_negative_cost, False,
+                niter, status, err)
+    _raise_bad_cost(status, "[p]")
+    if warn and code != 2:
+        _warn_status(status, niter, err, numItermax, stopThr, True)
+
+    if padded:
+        plans = out.reshape(M3.shape).astype(out_dtype, copy=False)
+        result = torch.from_numpy(plans) if torch_in else plans
+    else:
+        flat = out.astype(out_dtype, copy=False)
+        result = [flat[moff[p]:moff[p] + sizes[p]].reshape(nrows[p], ncols[p]) for p in range(B)]
+        if torch_in:
+            result = [torch.from_numpy(x) for x in result]
+    if log:
+        return result, {"niter": niter, "status": status, "err": err}
+    return result
+
+
+def _flat_marginals(x, name: str, counts: np.ndarray, offs: np.ndarray, padded: bool) -> np.ndarray:
+    """Concatenate per-problem marginals (uniform where x is None), checking each."""
+    B = counts.shape[0]
+    rows = _ragged(x, name, B)
+    if rows is None:
+        return np.repeat(1.0 / counts, counts)
+    flat = np.empty(int(counts.sum()))
+    for p, r in enumerate(rows):
+        r = np.asarray(r)
+        if padded and r.ndim == 1 and r.shape[0] >= counts[p]:
+            r = r[: counts[p]]
+        _check_marginal(r, name, int(counts[p]), f"[{p}]")
+        flat[offs[p]:offs[p] + counts[p]] = r
+    return flat
+
+
+def sinkhorn_fixed(S, scale: float = 2.5, epsilon: float = 1.0, iters: int = 1000, *,
+                   backend: str | None = None):
+    """The mutual-knowledge reference's Sinkhorn on similarity matrices.
+
+    P = exp((S * scale) * epsilon), then ``iters`` times: rows divided by their sums, then
+    columns by theirs (float64 here; the reference ran in float32).
+
+    Args:
+        S: one (L, K) similarity matrix (parts x descriptors), or a list of them (ragged),
+            or a padded (B, L, K) array; numpy or CPU torch.
+    Returns:
+        the plan(s) in the same form as S.
+    """
+    scale = float(scale)
+    epsilon = float(epsilon)
+    if not (math.isfinite(scale) and math.isfinite(epsilon)):
+        raise ValueError("scale and epsilon must be finite")
+
+    def logits(x, name):
+        arr, was_torch = _as_array(x, name)
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+        neg = -((arr.astype(np.float64) * scale) * epsilon)  # cost whose exp(-cost / 1) is the reference's P
+        return neg, arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64), was_torch
+
+    if isinstance(S, (list, tuple)):
+        items = [logits(x, f"S[{p}]") for p, x in enumerate(S)]
+        plans = sinkhorn_batched(None, None, [c for c, _, _ in items], 1.0, iters, method="reference",
+                                 backend=backend)
+        return [torch.from_numpy(P.astype(dt)) if tt else P.astype(dt, copy=False)
+                for P, (_, dt, tt) in zip(plans, items)]
+    cost, dt, was_torch = logits(S, "S")
+    if cost.ndim == 3:
+        plans = sinkhorn_batched(None, None, cost, 1.0, iters, method="reference", backend=backend)
+    elif cost.ndim == 2:
+        plans = sinkhorn(np.zeros(0), np.zeros(0), cost, 1.0, iters, method="reference", backend=backend)
+    else:
+        raise ValueError(f"S must be (L, K), (B, L, K) or a list of 2-D matrices, got shape {cost.shape}")
+    plans = plans.astype(dt, copy=False)
+    return torch.from_numpy(plans) if was_torch else plans
