@@ -86,34 +86,37 @@ if HAS_TRITON:
                         acc += tl.dot(qt.to(gt.dtype), gt, out_dtype=tl.float32)
                     else:
                         acc += tl.dot(qt, gt.to(tl.float32), input_precision="ieee")
-            raw = acc
             if USE_ABS:
                 val = tl.abs(acc)
             else:
                 val = acc
             for s in range(0, S):
                 sel = tl.load(masked_ptr + rows64 * stride_masked + s, mask=row_ok, other=-1)
-                hit = cols[None, :] == sel[:, None]
-                val = tl.where(hit, mask_value, val)
-                raw = tl.where(hit, mask_value, raw)
+                val = tl.where(cols[None, :] == sel[:, None], mask_value, val)
             val = tl.where(col_ok[None, :], val, float("-inf"))
             tile_max = tl.max(val, axis=1)
             tile_arg = tl.argmax(val, axis=1)
-            pick = offs_m[None, :] == tile_arg[:, None]
-            tile_raw = tl.sum(tl.where(pick, raw, 0.0), axis=1)
+            # the winner's signed score: from acc, unless the winner is a masked atom
+            tile_raw = tl.sum(tl.where(offs_m[None, :] == tile_arg[:, None], acc, 0.0), axis=1)
+            win = m0 + tile_arg
+            win_masked = tl.zeros([BLOCK_B], dtype=tl.int1)
+            for s in range(0, S):
+                sel = tl.load(masked_ptr + rows64 * stride_masked + s, mask=row_ok, other=-1)
+                win_masked = win_masked | (win == sel)
+            tile_raw = tl.where(win_masked, mask_value, tile_raw)
             better = tile_max > best_val
             best_val = tl.where(better, tile_max, best_val)
-            best_idx = tl.where(better, m0 + tile_arg, best_idx)
+            best_idx = tl.where(better, win, best_idx)
             best_raw = tl.where(better, tile_raw, best_raw)
         out = rows64 * n_splits + pid_s
         tl.store(out_val_ptr + out, best_val, mask=row_ok)
         tl.store(out_idx_ptr + out, best_idx, mask=row_ok)
         tl.store(out_raw_ptr + out, best_raw, mask=row_ok)
 
-    _GPU_BLOCKS = {"BLOCK_B": 64, "BLOCK_M": 64, "BLOCK_D": 32}
+    _GPU_BLOCKS = {"BLOCK_B": 32, "BLOCK_M": 64, "BLOCK_D": 32}
     _INTERP_BLOCKS = {"BLOCK_B": 16, "BLOCK_M": 32, "BLOCK_D": 16}
     _NUM_WARPS = 4
-    _NUM_STAGES = 2
+    _NUM_STAGES = 1
 
     def _aot_specs() -> list[dict]:
         specs = []

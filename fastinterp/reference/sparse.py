@@ -54,10 +54,9 @@ def lstsq(A: torch.Tensor, b: torch.Tensor, *, positive: bool = False) -> torch.
     return torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1)
 
 
-def _refit(x, dictionary, selected, positive):
+def _refit(x, dictionary, selected, positive, k):
     """Least squares of the ORIGINAL x on each row's selected atoms; dense (B, M) codes."""
     B, M = selected.shape
-    k = int(selected[0].sum())
     atom_ids = selected.nonzero()[:, 1].reshape(B, k)  # ascending atom index per row
     basis = dictionary[atom_ids]  # (B, k, D)
     coefs = lstsq(basis.transpose(1, 2), x, positive=positive)  # (B, k)
@@ -93,7 +92,7 @@ def coherent_orthogonal_matching_pursuit(x: torch.Tensor, dictionary: torch.Tens
         score = score.masked_fill(selected, float("-inf"))
         best = score.argmax(dim=1)
         selected[rows, best] = True
-        codes = _refit(x, dictionary, selected, positive)
+        codes = _refit(x, dictionary, selected, positive, k + 1)
         residual = x - codes @ dictionary
     return codes
 
