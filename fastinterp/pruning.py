@@ -1,0 +1,370 @@
+"""CCS head-pruning experiments (SPEC.md 2.4): prune sets of attention heads chosen from a
+CCS results table and measure zero-shot accuracy over an image folder.
+
+Head sets (from a table with one row per scored head: layer, head, ccs[, label]):
+- "original": nothing pruned;
+- "high": heads with CCS >= `high_min` (5, the paper's high bucket);
+- "low": heads with CCS <= `low_max` (1);
+- "random-s<seed>": |high| heads drawn from the table's non-high heads, one set per seed;
+- "high-eq-s<seed>" / "low-eq-s<seed>": min(|high|, |low|) heads drawn from the high and
+  from the low heads (the equal-count comparison);
+- "concept:<name>": heads whose label contains the concept (e.g. "location");
+- any explicit named head lists.
+All sets are evaluated in one `fastinterp.ablation.masked_forward` pass per image batch.
+Outputs: results.json (resumable), results.csv, results.md and accuracy.png.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from .ablation import MODES, head_set_masks, parse_head
+
+__all__ = [
+    "HeadSet",
+    "add_prune_cli",
+    "build_head_sets",
+    "folder_head_means",
+    "plot_results",
+    "read_ccs_table",
+    "run_pruning",
+    "write_results",
+]
+
+LAYER_KEYS = ("layer", "layer_idx", "layer_index")
+HEAD_KEYS = ("head", "head_idx", "head_index")
+SCORE_KEYS = ("ccs", "score", "ccs_score")
+LABEL_KEYS = ("label", "concept", "property")
+
+
+class HeadSet(dict):
+    """{"name", "kind", "seed", "heads": [(layer, head)]} (a dict, so it serialises to JSON)."""
+
+
+def _pick(row: dict, keys, what: str, path):
+    lower = {str(k).strip().lower(): v for k, v in row.items()}
+    for k in keys:
+        if k in lower and lower[k] not in (None, ""):
+            return lower[k]
+    if what is None:
+        return None
+    raise ValueError(f"{str(path)!r}: a row has no {what} column (looked for {', '.join(keys)}); "
+                     f"columns found: {sorted(lower)}")
+
+
+def read_ccs_table(path) -> list[dict]:
+    """Rows {"layer", "head", "ccs", "label"} from a CCS results CSV or JSON file.
+
+    CSV: a header with at least layer, head, ccs (label optional). JSON: a list of such
+    records, or an object holding one under "heads" / "results" / "rows".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CCS table {str(path)!r} does not exist; write one with `fastinterp ccs` "
+                                f"or give heads explicitly with --heads NAME=L11.H0,L10.H5")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            for key in ("heads", "results", "rows"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
+        if not isinstance(data, list):
+            raise ValueError(f"{str(path)!r}: expected a JSON list of head records (layer, head, ccs, label)")
+        raw = data
+    else:
+        with path.open(newline="", encoding="utf-8") as fh:
+            raw = list(csv.DictReader(fh))
+    rows = []
+    for r in raw:
+        if not isinstance(r, dict):
+            raise ValueError(f"{str(path)!r}: every record must be an object with layer, head, ccs")
+        try:
+            layer = int(_pick(r, LAYER_KEYS, "layer", path))
+            head = int(_pick(r, HEAD_KEYS, "head", path))
+            score = float(_pick(r, SCORE_KEYS, "ccs", path))
+        except (TypeError, ValueError) as err:
+            if "column" in str(err):
+                raise
+            raise ValueError(f"{str(path)!r}: row {r} has a non-numeric layer/head/ccs: {err}") from err
+        if not math.isfinite(score):
+            raise ValueError(f"{str(path)!r}: row {r} has a non-finite CCS")
+        label = _pick(r, LABEL_KEYS, None, path)
+        rows.append({"layer": layer, "head": head, "ccs": score, "label": "" if label is None else str(label)})
+    if not rows:
+        raise ValueError(f"{str(path)!r} lists no heads")
+    return rows
+
+
+def _sample(pool, n, seed):
+    pool = sorted(pool)
+    if n > len(pool):
+        raise ValueError(f"cannot draw {n} heads from a pool of {len(pool)}")
+    return sorted(random.Random(seed).sample(pool, n))
+
+
+def build_head_sets(table=None, *, seeds=(0, 1, 2), high_min: float = 5, low_max: float = 1,
+                    concepts=(), explicit=None) -> list[HeadSet]:
+    """The experiment's head sets (see the module docstring), "original" first."""
+    sets = [HeadSet(name="original", kind="original", seed=None, heads=[])]
+    if table:
+        keyed = {}
+        for r in table:
+            keyed[(r["layer"], r["head"])] = r
+        high = sorted(k for k, r in keyed.items() if r["ccs"] >= high_min)
+        low = sorted(k for k, r in keyed.items() if r["ccs"] <= low_max)
+        rest = sorted(k for k in keyed if k not in set(high))
+        sets.append(HeadSet(name="high", kind="high", seed=None, heads=high))
+        sets.append(HeadSet(name="low", kind="low", seed=None, heads=low))
+        if high and len(rest) >= len(high):
+            for s in seeds:
+                sets.append(HeadSet(name=f"random-s{s}", kind="random", seed=s, heads=_sample(rest, len(high), s)))
+        n_eq = min(len(high), len(low))
+        if n_eq:
+            for s in seeds:
+                sets.append(HeadSet(name=f"high-eq-s{s}", kind="high-eq", seed=s, heads=_sample(high, n_eq, s)))
+                sets.append(HeadSet(name=f"low-eq-s{s}", kind="low-eq", seed=s, heads=_sample(low, n_eq, s)))
+        for concept in concepts:
+            c = concept.strip().lower()
+            heads = sorted(k for k, r in keyed.items() if c and c in r["label"].lower())
+            if not heads:
+                labels = sorted({r["label"] for r in keyed.values() if r["label"]})
+                raise ValueError(f"no head in the CCS table is labelled with {concept!r}; labels: {labels[:20]}")
+            sets.append(HeadSet(name=f"concept:{c}", kind="concept", seed=None, heads=heads))
+    for name, heads in (explicit or {}).items():
+        sets.append(HeadSet(name=name, kind="explicit", seed=None, heads=[parse_head(h) for h in heads]))
+    if len(sets) == 1:
+        raise ValueError("no head sets to prune: give a CCS table and/or explicit head lists")
+    names = [s["name"] for s in sets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"head set names must be unique; repeated: {dup}")
+    return sets
+
+
+@torch.no_grad()
+def folder_head_means(model, preprocess, folder, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """`head_output_means` over every image of a folder (for mode="mean")."""
+    from .ablation import head_output_means
+    from .images import list_image_folder, load_images
+
+    listing = list_image_folder(folder)
+    device = next(model.parameters()).device
+    paths = [p for p, _ in listing.items]
+
+    def batches():
+        for start in range(0, len(paths), batch_size):
+            loaded = load_images(paths[start:start + batch_size], listing=listing)
+            if loaded:
+                yield torch.stack([preprocess(im) for _, im in loaded]).to(device)
+
+    return head_output_means(model, batches(), batch_size=batch_size, progress=progress)
+
+
+def _run_key(model, folder, mode, templates) -> dict:
+    return {"model": getattr(model, "fastinterp_name", type(model).__name__),
+            "weights": getattr(model, "fastinterp_weights", None),
+            "folder": str(Path(folder).resolve()), "mode": mode, "templates": list(templates)}
+
+
+def run_pruning(model, preprocess, tokenizer, folder, head_sets, *, output=None, mode: str = "zero",
+                templates=None, batch_size: int = 32, backend=None, config_chunk=None,
+                progress: bool = True) -> list[dict]:
+    """Zero-shot accuracy of the model with each head set pruned.
+
+    Args:
+        head_sets: from `build_head_sets` (or dicts with "name" and "heads").
+        output: folder for results.json/.csv/.md and accuracy.png; an existing results.json
+            of the same run (model, weights, folder, mode, templates) is reused: only head
+            sets it lacks are evaluated.
+
+    Returns:
+        rows {"name", "kind", "seed", "n_heads", "heads", "accuracy", "drop"} in head-set
+        order ("drop" = original accuracy minus this one, in points).
+    """
+    from .models import vit_info
+    from .zeroshot import DEFAULT_TEMPLATES, evaluate_image_folder
+
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    templates = list(templates or DEFAULT_TEMPLATES)
+    info = vit_info(model)
+    head_sets = [HeadSet(s) for s in head_sets]
+    if not any(s["name"] == "original" for s in head_sets):
+        head_sets.insert(0, HeadSet(name="original", kind="original", seed=None, heads=[]))
+    # validates every head index against the model
+    head_set_masks((info.layers, info.heads), [s["heads"] for s in head_sets])
+    key = _run_key(model, folder, mode, templates)
+    done = {}
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        saved = output / "results.json"
+        if saved.exists():
+            try:
+                payload = json.loads(saved.read_text(encoding="utf-8"))
+                if payload.get("run") == key:
+                    done = {(r["name"], tuple(map(tuple, r["heads"]))): r for r in payload["rows"]}
+            except (ValueError, KeyError, TypeError):
+                done = {}
+    todo = [s for s in head_sets if (s["name"], tuple(map(tuple, s["heads"]))) not in done]
+    results = dict(done)
+    if todo:
+        masks = head_set_masks((info.layers, info.heads), [s["heads"] for s in todo])
+        means = folder_head_means(model, preprocess, folder, batch_size=batch_size,
+                                  progress=progress) if mode == "mean" else None
+        ev = evaluate_image_folder(model, preprocess, tokenizer, folder, masks, templates=templates, mode=mode,
+                                   means=means, batch_size=batch_size, backend=backend,
+                                   config_chunk=config_chunk, progress=progress)
+        for s, acc in zip(todo, ev["accuracy"].tolist()):
+            results[(s["name"], tuple(map(tuple, s["heads"])))] = {
+                "name": s["name"], "kind": s["kind"], "seed": s["seed"], "n_heads": len(s["heads"]),
+                "heads": [list(h) for h in s["heads"]], "accuracy": acc, "n_images": ev["n_images"]}
+    rows = [dict(results[(s["name"], tuple(map(tuple, s["heads"])))]) for s in head_sets]
+    base = next(r["accuracy"] for r in rows if r["name"] == "original")
+    for r in rows:
+        r["drop"] = base - r["accuracy"]
+    if output is not None:
+        write_results(rows, output, run=key)
+    return rows
+
+
+def _fmt_heads(heads) -> str:
+    return " ".join(f"L{layer}.H{head}" for layer, head in heads)
+
+
+def summarise(rows) -> list[dict]:
+    """Seeded kinds (random, high-eq, low-eq) averaged over seeds: {"kind", "n_sets",
+    "mean", "std", "n_heads"}; other sets are their own line."""
+    out = []
+    by_kind = {}
+    for r in rows:
+        if r.get("seed") is None:
+            out.append({"name": r["name"], "n_sets": 1, "mean": r["accuracy"], "std": 0.0, "n_heads": r["n_heads"]})
+        else:
+            by_kind.setdefault(r["kind"], []).append(r)
+    for kind, rs in by_kind.items():
+        accs = torch.tensor([r["accuracy"] for r in rs], dtype=torch.float64)
+        out.append({"name": f"{kind} (mean of {len(rs)} seeds)", "n_sets": len(rs), "mean": float(accs.mean()),
+                    "std": float(accs.std(unbiased=False)), "n_heads": rs[0]["n_heads"]})
+    return out
+
+
+def write_results(rows, output, *, run=None) -> dict:
+    """results.json (with the run key, for resuming), results.csv, results.md, accuracy.png."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / "results.json.tmp"
+    tmp.write_text(json.dumps({"run": run, "rows": rows, "summary": summarise(rows)}, indent=2), encoding="utf-8")
+    tmp.replace(output / "results.json")
+    with (output / "results.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "kind", "seed", "n_heads", "accuracy", "drop", "heads"])
+        for r in rows:
+            w.writerow([r["name"], r["kind"], "" if r["seed"] is None else r["seed"], r["n_heads"],
+                        f"{r['accuracy']:.4f}", f"{r['drop']:.4f}", _fmt_heads(r["heads"])])
+    lines = ["| head set | heads pruned | top-1 (%) | drop (points) |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['n_heads']} | {r['accuracy']:.2f} | {r['drop']:.2f} |")
+    summary = [s for s in summarise(rows) if s["n_sets"] > 1]
+    if summary:
+        lines += ["", "| averaged over seeds | heads | mean top-1 (%) | std |", "|---|---:|---:|---:|"]
+        for s in summary:
+            lines.append(f"| {s['name']} | {s['n_heads']} | {s['mean']:.2f} | {s['std']:.2f} |")
+    (output / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot_results(rows, output / "accuracy.png")
+    return {"json": output / "results.json", "csv": output / "results.csv", "md": output / "results.md",
+            "png": output / "accuracy.png"}
+
+
+def plot_results(rows, path) -> Path:
+    """Bar chart: top-1 accuracy per head set (seeded kinds as mean +- std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(rows)
+    names = [s["name"] for s in summary]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.6))
+    colors = ["#555555" if n == "original" else "#c0392b" if n.startswith("high") else
+              "#2980b9" if n.startswith("low") else "#7f8c8d" for n in names]
+    ax.bar(range(len(names)), [s["mean"] for s in summary], yerr=[s["std"] for s in summary],
+           color=colors, capsize=3)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{n}\n({s['n_heads']} heads)" for n, s in zip(names, summary)], rotation=30,
+                       ha="right", fontsize=8)
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.set_title("accuracy after pruning each head set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------
+# CLI: `fastinterp ccs prune`
+# --------------------------------------------------------------------------------------
+def _parse_explicit(values) -> dict:
+    out = {}
+    for i, v in enumerate(values or []):
+        name, sep, heads = v.partition("=")
+        if not sep:
+            name, heads = f"heads-{i + 1}", v
+        heads = [h for h in heads.replace(";", ",").replace(" ", ",").split(",") if h.strip()]
+        if not heads:
+            raise ValueError(f"--heads {v!r} lists no heads; write NAME=L11.H0,L10.H5")
+        out[name.strip()] = [parse_head(h) for h in heads]
+    return out
+
+
+def cmd_prune(args) -> int:
+    from .models import load_clip
+    from .zeroshot import read_templates
+
+    table = read_ccs_table(args.ccs) if args.ccs else None
+    explicit = _parse_explicit(args.heads)
+    sets = build_head_sets(table, seeds=tuple(range(args.seeds)), high_min=args.high_min, low_max=args.low_max,
+                           concepts=args.concept or (), explicit=explicit)
+    from .images import list_image_folder
+
+    list_image_folder(args.images, labelled=True)  # a clear error for missing/empty folders, before loading the model
+    model, preprocess, tokenizer = load_clip(args.model_name, args.pretrained, device=args.device,
+                                             checkpoint=args.checkpoint)
+    templates = read_templates(args.templates) if args.templates else None
+    rows = run_pruning(model, preprocess, tokenizer, args.images, sets, output=args.output, mode=args.mode,
+                       templates=templates, batch_size=args.batch_size, progress=not args.quiet)
+    print(Path(args.output, "results.md").read_text(encoding="utf-8"))
+    print(f"results written to {args.output} (results.json, results.csv, results.md, accuracy.png); "
+          f"{len(rows)} head sets")
+    return 0
+
+
+def add_prune_cli(ccs_subparsers) -> None:
+    """Add the `prune` sub-command to the `fastinterp ccs` group's sub-parsers."""
+    from .cli import add_model_args
+
+    p = ccs_subparsers.add_parser(
+        "prune", help="prune head sets (high/low/random/equal-count/concept CCS heads) and measure "
+                      "zero-shot accuracy over an ImageFolder")
+    add_model_args(p)
+    p.add_argument("--ccs", default=None, help="CCS results table (CSV or JSON with columns layer, head, ccs[, label])")
+    p.add_argument("--heads", action="append", metavar="NAME=L11.H0,L10.H5",
+                   help="an explicit head set to prune (repeatable)")
+    p.add_argument("--images", required=True, help="ImageFolder root: <root>/<class name>/*.jpg")
+    p.add_argument("--output", default="fastinterp-prune", help="output folder (default: fastinterp-prune)")
+    p.add_argument("--mode", choices=MODES, default="zero",
+                   help="zero: remove the head output (CCS pruning); mean: replace it by its dataset mean")
+    p.add_argument("--seeds", type=int, default=3, help="random / equal-count draws (default 3)")
+    p.add_argument("--high-min", type=float, default=5, help="CCS >= this is 'high' (default 5)")
+    p.add_argument("--low-max", type=float, default=1, help="CCS <= this is 'low' (default 1)")
+    p.add_argument("--concept", action="append", help="also prune the heads whose label contains this (repeatable)")
+    p.add_argument("--templates", default=None, help="prompt templates file, one per line with '{}' (default: built-in)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
