@@ -1,0 +1,548 @@
+"""Per-head direct contributions of a CLIP ViT and TextSpan (SPEC.md 2.1, 2.2).
+
+Decomposition (`head_contributions`): the normalised image embedding of an open_clip ViT is
+written exactly as a sum of terms, one for the embedding (ln_pre output of the CLS token),
+one per MLP and one per (layer, head) (summed over source tokens), using the linearisation
+of the final LayerNorm with the real per-image mean and std (SPEC 2.1):
+
+    r_k = (gamma * (c_k - w_k * mu) / sigma + w_k * beta) @ P / ||z||,
+    w_k = 1/(2L+1) for the embedding/MLP terms, 1/((2L+1) H) per head (summed over tokens)
+
+so that `sum_k r_k == z / ||z||`. Only the CLS query row of each attention map is
+computed (a (B, H, N) softmax and a (B, N, H, hd) value tensor), never the
+(B, N, N, H, D) tensor of the reference hook.
+
+TextSpan (`textspan`): for every head at once, the greedy choice of the text whose
+projection has the largest spread over the images, inside the rank-r principal subspace
+of the head's data, with deflation of the data and the texts after each pick. The spread
+of text t is `sqrt(t' S t)` with S the head's (centred) covariance in the subspace, so the
+loop needs one d x d Gram matrix per head and works on r-dimensional text coordinates with
+rank-1 updates; it never forms the images x texts product.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import check_layers, vision_transformer, vit_info
+
+__all__ = [
+    "Contributions",
+    "TextSpanResult",
+    "head_contributions",
+    "load_contributions",
+    "textspan",
+    "check_heads",
+    "read_text_bank",
+    "builtin_text_bank",
+]
+
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------
+# model checks
+# --------------------------------------------------------------------------------------
+def _check_decomposable(visual) -> None:
+    if getattr(visual, "attn_pool", None) is not None:
+        raise TypeError("this ViT pools with an attentional pooler; the direct-contribution decomposition "
+                        "needs CLS-token pooling (pool_type='tok'), as in the standard CLIP ViTs")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise TypeError(f"this ViT pools with pool_type={visual.pool_type!r}; the decomposition needs "
+                        f"CLS-token pooling (pool_type='tok')")
+    if not isinstance(visual.ln_post, torch.nn.LayerNorm) or visual.ln_post.weight is None:
+        raise TypeError(f"the ViT's final norm is {type(visual.ln_post).__name__}; the decomposition "
+                        f"linearises an affine nn.LayerNorm")
+    for i, block in enumerate(visual.transformer.resblocks):
+        attn = block.attn
+        if not getattr(attn, "_qkv_same_embed_dim", True) or attn.bias_k is not None or attn.add_zero_attn:
+            raise TypeError(f"block {i}: the decomposition reads a packed in_proj attention without "
+                            f"bias_k / zero-attention (the standard open_clip ViT)")
+        if hasattr(block, "ln_1_kv") or hasattr(block, "ln_attn") or hasattr(block, "ln_inner"):
+            raise TypeError(f"block {i} is not a plain pre-norm residual attention block; the "
+                            f"decomposition supports the standard open_clip ResidualAttentionBlock")
+
+
+def check_heads(heads, layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """Validate (layer, head) pairs (negative indices count from the end)."""
+    out = []
+    for item in heads:
+        try:
+            layer, head = item
+        except (TypeError, ValueError):
+            raise TypeError(f"a head must be a (layer, head) pair, got {item!r}") from None
+        for v, what in ((layer, "layer"), (head, "head")):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"{what} index must be an int, got {v!r}")
+        if not -layers <= layer < layers:
+            raise IndexError(f"layer {layer} is out of range for a ViT with {layers} layers (0..{layers - 1})")
+        if not -n_heads <= head < n_heads:
+            raise IndexError(f"head {head} is out of range for {n_heads} heads per layer (0..{n_heads - 1})")
+        out.append((int(layer) % layers, int(head) % n_heads))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# one batch
+# --------------------------------------------------------------------------------------
+def _attention_full(block, h):
+    """The block's attention output for all tokens, (B, N, D) batch-first in and out."""
+    attn = block.attn
+    if getattr(attn, "batch_first", False):
+        return attn(h, h, h, need_weights=False)[0]
+    t = h.transpose(0, 1)
+    return attn(t, t, t, need_weights=False)[0].transpose(0, 1)
+
+
+def _cls_head_terms(block, h):
+    """Per-head residual contributions to the CLS token, summed over source tokens.
+
+    h: (B, N, D) ln_1 output. Returns (B, H, D): sum_m attn[cls, m, h] v[m, h] @ W_o[:, h]
+    + out_proj.bias / H, through the block's LayerScale.
+    """
+    attn = block.attn
+    B, N, D = h.shape
+    H = attn.num_heads
+    hd = D // H
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    wq, wk, wv = w.split(D)
+    bq, bk, bv = (None, None, None) if b is None else b.split(D)
+    q = F.linear(h[:, 0], wq, bq).view(B, H, hd)
+    k = F.linear(h, wk, bk).view(B, N, H, hd)
+    v = F.linear(h, wv, bv).view(B, N, H, hd)
+    a = torch.softmax(torch.einsum("bhe,bnhe->bhn", q, k) * hd ** -0.5, dim=-1)
+    o = torch.einsum("bhn,bnhe->bhe", a, v)  # (B, H, hd)
+    wo = attn.out_proj.weight.view(D, H, hd)
+    terms = torch.einsum("bhe,dhe->bhd", o, wo)
+    if attn.out_proj.bias is not None:
+        terms = terms + attn.out_proj.bias / H
+    return block.ls_1(terms)
+
+
+@torch.no_grad()
+def _decompose_batch(visual, pixels, layer_set):
+    """Raw CLS terms of one batch.
+
+    Returns heads (B, L_sel, H, D), mlps (B, L+1, D) (index 0 = embedding), other (B, D)
+    (sum of the unselected layers' head terms), residual (B, D) (the final CLS residual).
+    """
+    x = visual._embeds(pixels.to(visual.conv1.weight.dtype))
+    mlps = [x[:, 0]]
+    heads, other = [], torch.zeros_like(x[:, 0])
+    for i, block in enumerate(visual.transformer.resblocks):
+        h = block.ln_1(x)
+        terms = _cls_head_terms(block, h)
+        if i in layer_set:
+            heads.append(terms)
+        else:
+            other = other + terms.sum(1)
+        x = x + block.ls_1(_attention_full(block, h))
+        m = block.ls_2(block.mlp(block.ln_2(x)))
+        mlps.append(m[:, 0])
+        x = x + m
+    B, _, D = x.shape
+    heads = torch.stack(heads, 1) if heads else x.new_zeros(B, 0, visual.transformer.resblocks[0].attn.num_heads, D)
+    return heads, torch.stack(mlps, 1), other, x[:, 0]
+
+
+@torch.no_grad()
+def _linearise(visual, heads, mlps, other, residual, n_layers):
+    """Apply the LN linearisation (SPEC 2.1) to raw terms; all outputs are divided by ||z||."""
+    ln = visual.ln_post
+    f32 = torch.float32
+    heads, mlps, other, residual = (t.to(f32) for t in (heads, mlps, other, residual))
+    gamma, beta = ln.weight.to(f32), ln.bias.to(f32) if ln.bias is not None else torch.zeros_like(ln.weight, dtype=f32)
+    mu = residual.mean(-1)
+    sigma = torch.sqrt(residual.var(-1, unbiased=False) + ln.eps)
+    proj = visual.proj.to(f32) if visual.proj is not None else None
+    H = heads.shape[2] if heads.dim() == 4 else visual.transformer.resblocks[0].attn.num_heads
+    w_mlp = 1.0 / (2 * n_layers + 1)
+    w_head = 1.0 / ((2 * n_layers + 1) * H)
+
+    def lin(c, w):
+        shape = (-1,) + (1,) * (c.dim() - 1)
+        y = gamma * (c - w * mu.view(shape)) / sigma.view(shape) + w * beta
+        y = y @ proj if proj is not None else y
+        return y
+
+    z = lin(residual, 1.0)
+    norm = z.norm(dim=-1)
+    n_other_heads = (n_layers - heads.shape[1]) * H
+    out_heads = lin(heads, w_head) / norm.view(-1, 1, 1, 1)
+    out_mlps = lin(mlps, w_mlp) / norm.view(-1, 1, 1)
+    out_other = lin(other, w_head * n_other_heads) / norm[:, None]
+    return out_heads, out_mlps, out_other, z / norm[:, None]
+
+
+# --------------------------------------------------------------------------------------
+# results and storage
+# --------------------------------------------------------------------------------------
+@dataclass
+class Contributions:
+    """Direct contributions to the normalised image embedding (each term divided by ||z||).
+
+    heads: (n, L_sel, H, d) per-head terms of `layers`, summed over source tokens.
+    mlps: (n, L+1, d): index 0 is the embedding (ln_pre) term, index l+1 the MLP of layer l.
+    other: (n, d): sum of the head terms of the layers not in `layers`.
+    embedding: (n, d) the normalised image embedding z/||z|| (= the sum of all terms).
+    """
+
+    heads: torch.Tensor
+    mlps: torch.Tensor
+    other: torch.Tensor
+    embedding: torch.Tensor
+    layers: list[int]
+    n_layers: int
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.heads.shape[0]
+
+    def total(self) -> torch.Tensor:
+        """(n, d): sum of all stored terms (equals `embedding` up to rounding)."""
+        return self.mlps.sum(1) + self.heads.sum((1, 2)) + self.other
+
+    def head(self, layer: int, head: int) -> torch.Tensor:
+        """(n, d) contribution of one head (layer index of the model, not of `layers`)."""
+        (layer, head), = check_heads([(layer, head)], self.n_layers, self.heads.shape[2])
+        if layer not in self.layers:
+            raise IndexError(f"layer {layer} was not stored (stored layers: {self.layers}); "
+                             f"recompute with layers= including it")
+        return self.heads[:, self.layers.index(layer), head]
+
+    def mean_ablate(self, heads: Iterable[tuple[int, int]], *, normalize: bool = False) -> torch.Tensor:
+        """Embeddings (n, d) with each listed head's contribution replaced by its mean over
+        the stored images (mean-ablation, SPEC 2.4); `normalize=True` re-normalises rows."""
+        heads = check_heads(list(heads), self.n_layers, self.heads.shape[2])
+        emb = self.embedding.clone()
+        for layer, head in dict.fromkeys(heads):
+            c = self.head(layer, head)
+            emb -= c - c.mean(0, keepdim=True)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+
+def _meta_for(model, layers, batch_size, n_layers) -> dict:
+    return {"format": FORMAT_VERSION, "model": getattr(model, "fastinterp_name", type(model).__name__),
+            "weights": str(getattr(model, "fastinterp_weights", "unknown")), "layers": list(layers),
+            "n_layers": n_layers, "batch_size": batch_size}
+
+
+def _batch_path(folder: Path, i: int) -> Path:
+    return folder / f"batch_{i:06d}.pt"
+
+
+def _load_batch(path: Path):
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or set(data) != {"heads", "mlps", "other", "embedding"}:
+            return None
+        return data
+    except Exception:  # a partial or corrupt file: recompute
+        return None
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_contributions(folder: str | os.PathLike) -> Contributions:
+    """Read the batch files written by `head_contributions(..., output=folder)`."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no meta.json; write it with head_contributions(output=...) "
+                                f"or `fastinterp ccs textspan`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    n_batches = meta.get("n_batches")
+    if n_batches is None:
+        raise ValueError(f"{str(folder)!r} is incomplete (the run did not finish); run it again to resume")
+    parts = []
+    for i in range(n_batches):
+        data = _load_batch(_batch_path(folder, i))
+        if data is None:
+            raise ValueError(f"{str(_batch_path(folder, i))!r} is missing or corrupt; run again to recompute it")
+        parts.append(data)
+    cat = {k: torch.cat([p[k] for p in parts]) for k in ("heads", "mlps", "other", "embedding")}
+    return Contributions(cat["heads"], cat["mlps"], cat["other"], cat["embedding"], list(meta["layers"]),
+                         int(meta["n_layers"]), meta)
+
+
+def _batches(images, batch_size, preprocess):
+    """Yield (index, loader) pairs: loader() returns the pixel batch (B, 3, H, W). Lazy for
+    tensors and sequences so that finished batches are skipped without loading them."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor of preprocessed pixels, got shape "
+                             f"{tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("no images given (an empty tensor)")
+        for i, s in enumerate(range(0, images.shape[0], batch_size)):
+            yield i, (lambda s=s: images[s:s + batch_size]), min(batch_size, images.shape[0] - s)
+        return
+    if isinstance(images, (list, tuple)) and not (
+            images and (isinstance(images[0], (list, tuple))
+                        or (isinstance(images[0], torch.Tensor) and images[0].dim() == 4))):
+        if not images:
+            raise ValueError("no images given (an empty list); check the image folder")
+        if preprocess is None and not isinstance(images[0], torch.Tensor):
+            raise ValueError("images are PIL images or paths: pass preprocess= (the model's image transform)")
+
+        def load(chunk):
+            from .images import open_rgb
+            out = []
+            for im in chunk:
+                if isinstance(im, torch.Tensor):
+                    out.append(im)
+                    continue
+                if isinstance(im, (str, os.PathLike)):
+                    im = open_rgb(im)
+                out.append(preprocess(im))
+            return torch.stack(out)
+
+        for i, s in enumerate(range(0, len(images), batch_size)):
+            chunk = images[s:s + batch_size]
+            yield i, (lambda c=chunk: load(c)), len(chunk)
+        return
+    seen = False
+    for i, item in enumerate(images):  # a DataLoader or any iterable of batches
+        seen = True
+        batch = item[0] if isinstance(item, (list, tuple)) else item
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+            raise ValueError("an iterable of images must yield (B, 3, H, W) tensors or (tensor, ...) tuples")
+        yield i, (lambda b=batch: b), batch.shape[0]
+    if not seen:
+        raise ValueError("the image loader yielded no batches")
+
+
+def head_contributions(model, images, layers: Sequence[int] | None = None, *, preprocess=None,
+                       batch_size: int = 32, output: str | os.PathLike | None = None,
+                       device=None, progress: bool = True) -> Contributions:
+    """Per-head direct contributions to the normalised image embedding, batch by batch.
+
+    Args:
+        model: an open_clip CLIP model (or its ViT) with CLS pooling and a LayerNorm ln_post.
+        images: (n, 3, H, W) preprocessed pixels; a list of PIL images or paths (with
+            `preprocess`); or an iterable / DataLoader of (B, 3, H, W) tensors or (tensor, ...)
+            tuples.
+        layers: layers whose heads are kept (default: all; negative counts from the end).
+        output: folder for resumable per-batch files (`batch_000000.pt`, `meta.json`);
+            batches already there (same model, weights, layers, batch size) are not recomputed.
+        progress: tqdm progress bar.
+
+    Returns:
+        `Contributions` with heads (n, L_sel, H, d), mlps (n, L+1, d), other (n, d),
+        embedding (n, d), all fp32 on CPU. Memory per batch is O(B N D) (no N x N tensor).
+    """
+    visual = vision_transformer(model)
+    _check_decomposable(visual)
+    info = vit_info(model)
+    layers = list(range(info.layers)) if layers is None else check_layers(model, list(layers))
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers {layers} lists a layer twice")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dev = visual.conv1.weight.device if device is None else torch.device(device)
+    folder = None
+    meta = _meta_for(model, layers, batch_size, info.layers)
+    if output is not None:
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_path = folder / "meta.json"
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+            if {k: old.get(k) for k in meta} != meta:
+                raise ValueError(f"{str(folder)!r} holds contributions of another run ({ {k: old.get(k) for k in meta} }); "
+                                 f"use a new output folder or delete it")
+        meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    layer_set = set(layers)
+    total = None
+    if isinstance(images, torch.Tensor):
+        total = math.ceil(images.shape[0] / batch_size)
+    elif isinstance(images, (list, tuple)) and images and not isinstance(images[0], (list, tuple)) and not (
+            isinstance(images[0], torch.Tensor) and images[0].dim() == 4):
+        total = math.ceil(len(images) / batch_size)
+    elif hasattr(images, "__len__"):
+        total = len(images)
+    from tqdm.auto import tqdm
+
+    parts = []
+    n_batches = 0
+    bar = tqdm(_batches(images, batch_size, preprocess), total=total, disable=not progress,
+               desc="head contributions", unit="batch")
+    for i, loader, _ in bar:
+        n_batches = i + 1
+        data = _load_batch(_batch_path(folder, i)) if folder is not None else None
+        if data is None:
+            pixels = loader().to(dev)
+            raw = _decompose_batch(visual, pixels, layer_set)
+            h, m, o, e = _linearise(visual, *raw, info.layers)
+            data = {"heads": h.cpu(), "mlps": m.cpu(), "other": o.cpu(), "embedding": e.cpu()}
+            if folder is not None:
+                _save_atomic(data, _batch_path(folder, i))
+        parts.append(data)
+    if folder is not None:
+        meta["n_batches"] = n_batches
+        meta["n_images"] = sum(p["heads"].shape[0] for p in parts)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    cat = {k: torch.cat([p[k] for p in parts]) for k in ("heads", "mlps", "other", "embedding")}
+    return Contributions(cat["heads"], cat["mlps"], cat["other"], cat["embedding"], layers, info.layers, meta)
+
+
+# --------------------------------------------------------------------------------------
+# TextSpan
+# --------------------------------------------------------------------------------------
+@dataclass
+class TextSpanResult:
+    """indices: (..., n_texts) text indices in pick order; stds: (..., n_texts) the std over
+    images of the picked text's projection at its step; reconstruction: (K, ..., d) the
+    rank-n reconstruction (mean + centred data projected on the picked texts) or None."""
+
+    indices: torch.Tensor
+    stds: torch.Tensor
+    reconstruction: torch.Tensor | None = None
+
+
+def _as_tensor(x, what):
+    if isinstance(x, Contributions):
+        x = x.heads
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+def textspan(contributions, text_embeddings, n_texts: int = 5, rank: int = 80, *,
+             return_details: bool = False, head_chunk: int = 16, progress: bool = False):
+    """TextSpan (SPEC 2.2) for all heads at once.
+
+    Args:
+        contributions: (K, L, H, d) per-head contributions (or `Contributions`, or (K, d) for
+            one head); fp64 input computes everything in fp64, otherwise the d x d Gram
+            matrices are fp32 (on centred data) and the rest fp64.
+        text_embeddings: (M, d) text bank embeddings; rows are L2-normalised here.
+        n_texts: texts per head (CCS uses 5). rank: principal subspace rank r (paper: 80).
+        return_details: return a `TextSpanResult` (indices, stds, rank-n reconstruction).
+
+    Returns:
+        indices (L, H, n_texts) (or (n_texts,) for 2-D input), int64, in pick order.
+
+    Numerics: the pick at each step is the argmax of sqrt(a' S a) over texts; texts whose
+    spreads agree to ~1e-12 (fp64) / ~1e-6 (fp32 Gram) relative can be ordered differently
+    than by a loop that forms images x texts explicitly. Exact duplicates pick the first.
+    """
+    C = _as_tensor(contributions, "contributions")
+    T = _as_tensor(text_embeddings, "text_embeddings")
+    single = C.dim() == 2
+    if single:
+        C = C[:, None, None]
+    if C.dim() != 4:
+        raise ValueError(f"contributions must be (images, layers, heads, d) (or (images, d)), got {tuple(C.shape)}")
+    if T.dim() != 2:
+        raise ValueError(f"text_embeddings must be (texts, d), got {tuple(T.shape)}")
+    K, L, H, d = C.shape
+    M = T.shape[0]
+    if T.shape[1] != d:
+        raise ValueError(f"text embeddings have dim {T.shape[1]} but contributions have dim {d}; "
+                         f"use the same model's joint space")
+    if K < 2:
+        raise ValueError(f"TextSpan needs at least 2 images (std over images), got {K}")
+    if M == 0:
+        raise ValueError("the text bank is empty")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    rr = min(rank, K, d)
+    if not isinstance(n_texts, int) or not 1 <= n_texts <= min(rr, M):
+        raise ValueError(f"n_texts={n_texts!r} must be in 1..{min(rr, M)} (at most the subspace rank "
+                         f"min(rank={rank}, images={K}, d={d}) and the number of texts {M})")
+    if not torch.isfinite(C).all() or not torch.isfinite(T).all():
+        raise ValueError("contributions or text embeddings contain NaN/inf")
+    tnorm = T.norm(dim=-1)
+    if (tnorm == 0).any():
+        raise ValueError(f"text embedding row {int((tnorm == 0).nonzero()[0])} is all zeros")
+    f64 = torch.float64
+    gram_dtype = f64 if C.dtype == f64 else torch.float32
+    dev = C.device
+    Tn = (T.to(f64) / tnorm.to(f64)[:, None]).to(dev)
+    Tg = Tn.to(gram_dtype)
+
+    idx_out = torch.empty(L * H, n_texts, dtype=torch.long)
+    std_out = torch.empty(L * H, n_texts, dtype=f64)
+    recon = torch.empty(K, L * H, d, dtype=C.dtype) if return_details else None
+    flat = C.reshape(K, L * H, d)
+    from tqdm.auto import tqdm
+
+    for s in tqdm(range(0, L * H, head_chunk), disable=not progress, desc="textspan", unit="chunk"):
+        X = flat[:, s:s + head_chunk].to(gram_dtype).transpose(0, 1)  # (hc, K, d)
+        hc = X.shape[0]
+        mu = X.mean(1, keepdim=True)  # (hc, 1, d)
+        Xc = X - mu
+        Gc = (Xc.transpose(1, 2) @ Xc).to(f64)  # centred Gram (hc, d, d)
+        mu64 = mu.to(f64)
+        Gu = Gc + K * (mu64.transpose(1, 2) @ mu64)  # uncentred Gram = C' C
+        _, evecs = torch.linalg.eigh(Gu)
+        V = evecs[..., -rr:].flip(-1)  # (hc, d, rr) top right singular vectors of C
+        S = V.transpose(1, 2) @ Gc @ V / (K - 1)  # (hc, rr, rr) covariance in the subspace
+        A = (Tg @ V.to(gram_dtype)).to(f64) if gram_dtype != f64 else Tn @ V  # (hc, M, rr) text coords
+        AS = A @ S
+        picked = torch.empty(hc, n_texts, rr, dtype=f64, device=dev)
+        ar = torch.arange(hc, device=dev)
+        for step in range(n_texts):
+            score = (AS * A).sum(-1)  # (hc, M) variance of each text's projection
+            j = score.argmax(-1)
+            idx_out[s:s + hc, step] = j.cpu()
+            std_out[s:s + hc, step] = score[ar, j].clamp_min(0).sqrt().cpu()
+            a = A[ar, j]  # (hc, rr)
+            nrm2 = (a * a).sum(-1, keepdim=True)
+            if (nrm2 <= 0).any():
+                raise ValueError("a picked text has no component left in the subspace; lower n_texts")
+            picked[:, step] = a / nrm2.sqrt()
+            w = (A @ a[:, :, None])[..., 0] / nrm2  # (hc, M)
+            Sa = (S @ a[:, :, None])[..., 0]  # (hc, rr)
+            A = A - w[:, :, None] * a[:, None, :]
+            AS = AS - w[:, :, None] * Sa[:, None, :]
+        if return_details:
+            U = picked @ V.transpose(1, 2)  # (hc, n, d) orthonormal picked directions
+            Ug = U.to(gram_dtype)
+            rec = mu + (Xc @ Ug.transpose(1, 2)) @ Ug  # (hc, K, d)
+            recon[:, s:s + hc] = rec.transpose(0, 1).to(C.dtype).cpu()
+    indices = idx_out.view(L, H, n_texts)
+    stds = std_out.view(L, H, n_texts)
+    if single:
+        indices, stds = indices[0, 0], stds[0, 0]
+    if not return_details:
+        return indices
+    recon = recon.view(K, L, H, d)
+    if single:
+        recon = recon[:, 0, 0]
+    return TextSpanResult(indices, stds, recon)
+
+
+# --------------------------------------------------------------------------------------
+# text banks
+# --------------------------------------------------------------------------------------
+def read_text_bank(path: str | os.PathLike) -> list[str]:
+    """One description per line of a UTF-8 file; blank lines dropped, duplicates kept once."""
+    from .concepts import ConceptDictionary
+
+    return ConceptDictionary.from_file(path).texts
+
+
+def builtin_text_bank() -> list[str]:
+    """The built-in list of general image descriptions (fastinterp/data/textspan_descriptions.txt)."""
+    from importlib import resources
+
+    from .concepts import ConceptDictionary
+
+    text = resources.files("fastinterp.data").joinpath("textspan_descriptions.txt").read_text(encoding="utf-8")
+    return ConceptDictionary(text.splitlines(), name="textspan").texts
