@@ -187,7 +187,9 @@ def _masked_block(block, x, masks_l, mean_l, C, backend):
     B = CB // C
     w, bias = _proj_args(block)
     a = masks_l.to(o.device)
-    if mean_l is None:
+    if bool((masks_l == 1).all()):  # nothing masked in this layer: the plain projection
+        out = F.linear(o.reshape(CB, N, H * hd), w, bias)
+    elif mean_l is None:
         out = masked_head_projection(o.reshape(C, B * N, H, hd), a, w, bias, backend=backend)
     else:
         out = masked_head_projection(o.reshape(C, B * N, H, hd), a, w, bias, y=mean_l, b=1 - a, backend=backend)

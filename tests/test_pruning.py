@@ -1,0 +1,168 @@
+"""Head sets from a CCS table, pruning runs (resumable outputs) and `ccs prune` end to end."""
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastinterp.ablation import head_set_masks
+from fastinterp.pruning import add_prune_cli, build_head_sets, read_ccs_table, run_pruning
+from fastinterp.zeroshot import evaluate_image_folder
+
+TABLE = [  # (layer, head, ccs, label)
+    (2, 0, 5, "location"), (2, 1, 0, "color"), (2, 2, 3, "texture"), (2, 3, 1, "location"),
+    (3, 0, 5, "counting"), (3, 1, 5, "geo-location"), (3, 2, 1, "color"), (3, 3, 2, "animals"),
+]
+
+
+def _write_csv(path):
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["layer", "head", "ccs", "label"])
+        w.writerows(TABLE)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    for cls in ("cat", "dog", "golden_fish"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / cls / f"{i}.jpg")
+    return root
+
+
+def test_read_ccs_table_csv_and_json(tmp_path):
+    rows = read_ccs_table(_write_csv(tmp_path / "ccs.csv"))
+    assert [(r["layer"], r["head"], r["ccs"], r["label"]) for r in rows] == [tuple(t) for t in TABLE]
+    payload = {"heads": [{"Layer": l, "head": h, "CCS": c, "concept": lab} for l, h, c, lab in TABLE]}
+    (tmp_path / "ccs.json").write_text(json.dumps(payload))
+    assert read_ccs_table(tmp_path / "ccs.json") == rows
+    (tmp_path / "bad.csv").write_text("layer,head\n1,2\n")
+    with pytest.raises(ValueError, match="no ccs column"):
+        read_ccs_table(tmp_path / "bad.csv")
+    (tmp_path / "nan.csv").write_text("layer,head,ccs\n1,2,five\n")
+    with pytest.raises(ValueError, match="non-numeric"):
+        read_ccs_table(tmp_path / "nan.csv")
+    with pytest.raises(FileNotFoundError, match="--heads"):
+        read_ccs_table(tmp_path / "missing.csv")
+
+
+def test_head_sets_by_hand(tmp_path):
+    rows = read_ccs_table(_write_csv(tmp_path / "ccs.csv"))
+    sets = {s["name"]: s for s in build_head_sets(rows, seeds=(0, 1), concepts=["location"],
+                                                   explicit={"mine": ["L3.H3"]})}
+    high = [(2, 0), (3, 0), (3, 1)]
+    low = [(2, 1), (2, 3), (3, 2)]
+    assert sets["original"]["heads"] == []
+    assert sets["high"]["heads"] == high
+    assert sets["low"]["heads"] == low
+    for s in (0, 1):
+        rnd = sets[f"random-s{s}"]["heads"]
+        assert len(rnd) == 3 and not set(rnd) & set(high) and len(set(rnd)) == 3
+        assert set(sets[f"high-eq-s{s}"]["heads"]) <= set(high) and len(sets[f"high-eq-s{s}"]["heads"]) == 3
+        assert set(sets[f"low-eq-s{s}"]["heads"]) <= set(low)
+    assert sets["random-s0"]["heads"] != sets["random-s1"]["heads"]  # different seeds, different draws here
+    # seeded: the same seed gives the same draw
+    again = {s["name"]: s for s in build_head_sets(rows, seeds=(0,))}
+    assert again["random-s0"]["heads"] == sets["random-s0"]["heads"]
+    assert sets["concept:location"]["heads"] == [(2, 0), (2, 3), (3, 1)]  # "geo-location" contains it
+    assert sets["mine"]["heads"] == [(3, 3)]
+    with pytest.raises(ValueError, match="labelled with 'music'"):
+        build_head_sets(rows, concepts=["music"])
+    with pytest.raises(ValueError, match="no head sets"):
+        build_head_sets(None)
+
+
+def test_run_pruning_equals_direct_evaluation_and_resumes(tiny_clip, folder, tmp_path):
+    model, preprocess, tokenizer = tiny_clip
+    sets = build_head_sets(None, explicit={"a": [(3, 1)], "b": [(0, 0), (2, 2)]})
+    out = tmp_path / "out"
+    rows = run_pruning(model, preprocess, tokenizer, folder, sets, output=out, progress=False)
+    assert [r["name"] for r in rows] == ["original", "a", "b"]
+    direct = evaluate_image_folder(model, preprocess, tokenizer, folder,
+                                   head_set_masks(model, [[], [(3, 1)], [(0, 0), (2, 2)]]), progress=False)
+    assert [r["accuracy"] for r in rows] == pytest.approx(direct["accuracy"].tolist())
+    assert rows[2]["drop"] == pytest.approx(rows[0]["accuracy"] - rows[2]["accuracy"])
+    for name in ("results.json", "results.csv", "results.md", "accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    with (out / "results.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert csv_rows[2]["heads"] == "L0.H0 L2.H2" and float(csv_rows[1]["accuracy"]) == pytest.approx(rows[1]["accuracy"])
+    # resume: stored rows are reused, not recomputed (mark one and check the mark survives)
+    payload = json.loads((out / "results.json").read_text())
+    payload["rows"][1]["accuracy"] = -1.0
+    (out / "results.json").write_text(json.dumps(payload))
+    more = build_head_sets(None, explicit={"a": [(3, 1)], "b": [(0, 0), (2, 2)], "c": [(1, 3)]})
+    rows2 = run_pruning(model, preprocess, tokenizer, folder, more, output=out, progress=False)
+    assert rows2[1]["accuracy"] == -1.0 and len(rows2) == 4
+    # a different run (mode) does not reuse it
+    rows3 = run_pruning(model, preprocess, tokenizer, folder, more, output=out, mode="mean", progress=False)
+    assert rows3[1]["accuracy"] >= 0
+
+
+def test_run_pruning_bad_heads(tiny_clip, folder):
+    model, preprocess, tokenizer = tiny_clip
+    with pytest.raises(IndexError, match="layer 11 is out of range"):
+        run_pruning(model, preprocess, tokenizer, folder, build_head_sets(None, explicit={"x": ["L11.H0"]}),
+                    progress=False)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="fastinterp")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ccs = sub.add_parser("ccs")
+    add_prune_cli(ccs.add_subparsers(dest="ccs_command", required=True))
+    return parser
+
+
+def test_cli_end_to_end(folder, tmp_path, capsys):
+    table = _write_csv(tmp_path / "ccs.csv")
+    out = tmp_path / "prune"
+    args = _parser().parse_args(["ccs", "prune", "--ccs", str(table), "--images", str(folder), "--output", str(out),
+                                 "--seeds", "2", "--concept", "location", "--heads", "mine=L3.H3,L0.H1", "--quiet"])
+    torch.manual_seed(0)
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "| high | 3 |" in printed and "random (mean of 2 seeds)" in printed
+    payload = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in payload["rows"]]
+    assert names == ["original", "high", "low", "random-s0", "random-s1", "high-eq-s0", "low-eq-s0",
+                     "high-eq-s1", "low-eq-s1", "concept:location", "mine"]
+    assert all(0 <= r["accuracy"] <= 100 for r in payload["rows"])
+    assert payload["rows"][0]["n_images"] == 9
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_through_fastinterp_main_when_wired(folder, tmp_path):
+    """Once fastinterp.ccs wires `prune` into the `ccs` group, the real CLI runs it too."""
+    from fastinterp import cli
+
+    parser = cli.build_parser()
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "ccs" not in choices:
+        pytest.skip("the `ccs` command group is not registered yet")
+    out = tmp_path / "prune"
+    rc = cli.main(["ccs", "prune", "--heads", "x=L3.H0", "--images", str(folder), "--output", str(out), "--quiet"])
+    assert rc == 0 and (out / "results.md").exists()
+
+
+def test_cli_errors(folder, tmp_path):
+    args = _parser().parse_args(["ccs", "prune", "--images", str(folder), "--output", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="no head sets"):
+        args.func(args)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = _parser().parse_args(["ccs", "prune", "--heads", "x=L1.H1", "--images", str(empty),
+                                 "--output", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="no images"):
+        args.func(args)
+    args = _parser().parse_args(["ccs", "prune", "--heads", "x=L1.Hx", "--images", str(folder),
+                                 "--output", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="cannot read head"):
+        args.func(args)
