@@ -206,7 +206,11 @@ def _pursuit(x, dictionary, k, *, coh, coh_dictionary, positive, selection, chun
         gram[:, :step + 1, step] = col
         h[:, step] = (a * x64).sum(dim=1)
         n = step + 1
-        c = nnls_gram(gram[:, :n, :n], h[:, :n]) if positive else solve_gram(gram[:, :n, :n], h[:, :n])
+        if positive:  # warm start: the previous optimum's support plus the new atom
+            passive0 = torch.cat([coefs[:, :step] > 0, torch.ones((B, 1), dtype=torch.bool, device=dev)], dim=1)
+            c = nnls_gram(gram[:, :n, :n], h[:, :n], x0=coefs[:, :n], passive0=passive0)
+        else:
+            c = solve_gram(gram[:, :n, :n], h[:, :n])
         coefs[:, :n] = c
         r = (x64 - torch.einsum("bs,bsd->bd", c, atoms[:, :n])).to(x.dtype)
         if use_coh:

@@ -113,7 +113,8 @@ def nnls_coordinate_descent(gram: torch.Tensor, h: torch.Tensor, x0: torch.Tenso
     return x
 
 
-def nnls_gram(gram: torch.Tensor, h: torch.Tensor, *, max_iter: int | None = None,
+def nnls_gram(gram: torch.Tensor, h: torch.Tensor, *, x0: torch.Tensor | None = None,
+              passive0: torch.Tensor | None = None, max_iter: int | None = None,
               kkt_tol: float = 1e-10) -> torch.Tensor:
     """Exact non-negative least squares, batched Lawson-Hanson active set.
 
@@ -124,6 +125,10 @@ def nnls_gram(gram: torch.Tensor, h: torch.Tensor, *, max_iter: int | None = Non
     Args:
         gram: (B, K, K) symmetric positive (semi-)definite.
         h: (B, K).
+        x0, passive0: optional warm start, (B, K) float and (B, K) bool: a feasible point
+            (x0 >= 0) and the variables to solve for first, e.g. the previous optimum's
+            positive set plus a newly added variable (x0 = 0 there). Matching pursuits
+            refit after each added atom; warm-started, a refit usually takes one solve.
         max_iter: active-set steps before the coordinate-descent fallback (default 3K + 10).
         kkt_tol: a variable outside the active set enters only if its gradient component
             exceeds kkt_tol * (1 + max|h|) (relative tolerance against round-off cycling).
@@ -144,6 +149,15 @@ def nnls_gram(gram: torch.Tensor, h: torch.Tensor, *, max_iter: int | None = Non
     passive = torch.zeros((b, k), dtype=torch.bool, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     need_add = torch.ones(b, dtype=torch.bool, device=dev)  # at a feasible point of the outer loop
+    if (x0 is None) != (passive0 is None):
+        raise ValueError("give both x0 and passive0 for a warm start, or neither")
+    if x0 is not None:
+        if x0.shape != (b, k) or passive0.shape != (b, k):
+            raise ValueError(f"x0 and passive0 must have shape {(b, k)}")
+        x = x0.to(device=dev, dtype=torch.float64).clamp_min(0)
+        passive = passive0.to(device=dev, dtype=torch.bool).clone()
+        x = torch.where(passive, x, torch.zeros_like(x))
+        need_add = ~passive.any(dim=1)  # start with an inner solve where a passive set is given
     rows = torch.arange(b, device=dev)
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
     for _ in range(max_iter):

@@ -226,3 +226,22 @@ def test_nnls_input_errors():
     with pytest.raises(ValueError, match="A must be"):
         nn.lstsq(torch.zeros(2, 3, 4), torch.zeros(3, 3))
     assert nn.nnls_gram(torch.zeros(0, 3, 3), torch.zeros(0, 3)).shape == (0, 3)
+
+
+def test_nnls_warm_start_reaches_the_same_optimum():
+    a, y = _random_nnls(300, 10, 6, seed=22)
+    gram = a.transpose(1, 2) @ a
+    h = (a.transpose(1, 2) @ y.unsqueeze(-1)).squeeze(-1)
+    cold = nn.nnls_gram(gram, h)
+    # warm start from the optimum of the first 5 variables, with the 6th added at 0
+    prev = nn.nnls_gram(gram[:, :5, :5], h[:, :5])
+    x0 = torch.cat([prev, torch.zeros(300, 1, dtype=prev.dtype)], dim=1)
+    passive0 = torch.cat([prev > 0, torch.ones(300, 1, dtype=torch.bool)], dim=1)
+    warm = nn.nnls_gram(gram, h, x0=x0, passive0=passive0)
+    assert torch.allclose(warm, cold, atol=1e-10)
+    # any feasible start works, even a poor one
+    junk = nn.nnls_gram(gram, h, x0=torch.rand(300, 6, dtype=torch.float64),
+                        passive0=torch.rand(300, 6) > 0.5)
+    assert torch.allclose(junk, cold, atol=1e-9)
+    with pytest.raises(ValueError, match="give both"):
+        nn.nnls_gram(gram, h, x0=x0)
