@@ -385,7 +385,8 @@ def mi_curves(vision_ids, language_ids, *, variant: str = "reference",
         raise ValueError(f"{xo.shape[0] - 1} vision id lists but {yo.shape[0] - 1} language id "
                          f"lists: pass one of each per image")
     values, offsets = mi_curves_flat(xv, xo, yv, yo, variant=variant)
-    return np.split(values, offsets[1:-1]) if offsets.shape[0] > 1 else []
+    bounds = offsets.tolist()
+    return [values[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def paper_mutual_info(vision_ids, language_ids, *, variant: str = "reference") -> float:
@@ -399,17 +400,20 @@ def dataset_curve(curves, *, dtype=np.float64) -> np.ndarray:
     The reference does this in float32 (``torch.FloatTensor``); pass ``dtype=np.float32`` to
     get its precision, the default float64 is the exact mean.
     """
-    curves = [_to_numpy(c).astype(np.float64, copy=False).reshape(-1) for c in curves]
+    curves = [c if isinstance(c, np.ndarray) and c.ndim == 1 else _to_numpy(c).reshape(-1)
+              for c in curves]
     if not curves:
         raise ValueError("dataset_curve needs at least one curve")
-    for c in curves:
-        if not np.isfinite(c).all():
-            raise ValueError("a curve contains NaN or infinity")
-    lengths = np.fromiter((c.shape[0] for c in curves), dtype=np.int64, count=len(curves))
+    lengths = np.fromiter(map(len, curves), dtype=np.int64, count=len(curves))
+    flat = np.concatenate(curves).astype(np.float64, copy=False)
+    if flat.dtype.kind != "f" or not np.isfinite(flat).all():
+        raise ValueError("a curve contains NaN or infinity (or is not numeric)")
     width = int(lengths.max())
+    if width == 0:
+        raise ValueError("dataset_curve of empty curves: a curve has N + 1 >= 1 points")
     padded = np.zeros((len(curves), width), dtype=dtype)
     mask = np.arange(width)[None, :] < lengths[:, None]
-    padded[mask] = np.concatenate(curves)
+    padded[mask] = flat
     return padded.mean(axis=0, dtype=dtype)
 
 
