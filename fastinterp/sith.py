@@ -1289,6 +1289,16 @@ def _cmd_edit(args) -> int:
                 raise ValueError(f"--recipe {args.recipe} needs --dictionary (to name the decisions files)")
             ddir = Path(args.decisions) if args.decisions else mdir / f"{args.recipe}-decisions"
             dfile = ddir / (name[:-3] + ".txt")
+            if args.llm:  # fills in whatever the decisions file lacks (resumes)
+                from .llm import OpenAIChat
+
+                dfile.parent.mkdir(parents=True, exist_ok=True)
+                data = load_decomposition(mdir / "decompositions" / name)
+                d = _resolve_dictionary(args.dictionary)
+                scorer = LLMScorer(OpenAIChat(model=args.llm_model))
+                template = PROMPT_BACKGROUND if args.recipe == "suppress" else PROMPT_UNSAFE
+                score_singular_vectors(data["scores"], data["indices"], d.texts, scorer, template=template,
+                                       cache=dfile, progress=not args.quiet)
             if not dfile.exists():
                 raise FileNotFoundError(f"no decisions file {str(dfile)!r}: one integer score 1-5 per line, head-major "
                                         f"(H*r lines); make it with fastinterp.sith.score_singular_vectors")
@@ -1366,6 +1376,11 @@ def register_cli(subparsers) -> None:
                    help="edit in the LN-folded, centered basis (as the decompositions it reads; the paper's edits use it)")
     q.add_argument("--decisions", default=None,
                    help="folder of decisions files <decomposition stem>.txt (default <model dir>/<recipe>-decisions)")
+    q.add_argument("--llm", action="store_true",
+                   help="suppress/sign-flip: score missing singular vectors with an OpenAI-compatible chat endpoint "
+                        "(FASTINTERP_LLM_BASE_URL, FASTINTERP_LLM_MODEL, FASTINTERP_LLM_API_KEY); answers are cached "
+                        "in the decisions files, so an interrupted run resumes")
+    q.add_argument("--llm-model", default=None, help="model name for --llm (default: $FASTINTERP_LLM_MODEL)")
     q.add_argument("--multipliers", default=None, help=".pt file: {layer: (H, r) tensor} or one (H, r) tensor")
     q.add_argument("--classes", default=None, help="classify: text file, one class name per line")
     q.add_argument("--class-template", default="{}", help="classify: prompt for class names (default raw)")
