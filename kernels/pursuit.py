@@ -285,6 +285,8 @@ def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     tensors = [q, dictionary] + ([q2, dictionary2] if q2 is not None else [])
+    if backend is None and q.dtype == torch.float64:
+        backend = "torch"  # the Triton kernel accumulates in fp32; float64 stays on torch
     choice = choose_backend("pursuit_select", tensors, cpu="torch", backend=backend)
     if B == 0:
         empty = torch.empty((0,), dtype=q.dtype, device=q.device)
