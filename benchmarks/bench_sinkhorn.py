@@ -82,7 +82,7 @@ def test_sinkhorn_batched_vs_pot(benchmark, regime):
     def run():
         return sk.sinkhorn_batched(None, None, mats, reg, log=True, warn=False)
 
-    plans, info = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    plans, info = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     ours_s = benchmark.stats.stats.median
     pot_full_s = pot_s / n_pot * len(mats)
     benchmark.extra_info.update({
@@ -102,7 +102,7 @@ def test_sinkhorn_batched_padded(benchmark):
     M = costs("reference_cost_reg1", S["problems"])
     sk.sinkhorn_batched(None, None, M[:4], 1.0, warn=False)
     out = benchmark.pedantic(sk.sinkhorn_batched, args=(None, None, M, 1.0), kwargs={"warn": False},
-                             rounds=3, iterations=1)
+                             rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update({"problems": M.shape[0],
                                  "ours_problems_per_s": M.shape[0] / benchmark.stats.stats.median})
     assert out.shape == M.shape

@@ -102,28 +102,38 @@ def _exp_fast(x):
 @njit(cache=True, error_model="numpy", fastmath=_FLAGS)
 def _exp_of_cost(M, moff, n, m, ld, reg, K):
     """K[i * m + j] = exp(M_ij / (-reg)), exactly libm's value where it under/overflows."""
+    lo = np.inf
+    hi = -np.inf
     for i in range(n):
         base = moff + i * ld
         for j in range(m):
-            K[i * m + j] = _exp_fast(M[base + j] / (-reg))
-    for i in range(n):  # rare fix-ups: exact subnormals, zeros and infinities
-        base = moff + i * ld
-        for j in range(m):
             t = M[base + j] / (-reg)
-            if t < -708.0 or t > 709.0:
-                K[i * m + j] = math.exp(t)
+            lo = min(lo, t)
+            hi = max(hi, t)
+            K[i * m + j] = _exp_fast(t)
+    if lo < -708.0 or hi > 709.0:  # rare fix-ups: exact subnormals, zeros and infinities
+        for i in range(n):
+            base = moff + i * ld
+            for j in range(m):
+                t = M[base + j] / (-reg)
+                if t < -708.0 or t > 709.0:
+                    K[i * m + j] = math.exp(t)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FLAGS)
 def _check_cost(M, moff, n, m, ld, check_negative):
+    probe = 0.0  # x * 0.0 is 0 for finite x, NaN for NaN/inf: branch-free, vectorised
+    lowest = np.inf
     for i in range(n):
         base = moff + i * ld
         for j in range(m):
             x = M[base + j]
-            if not math.isfinite(x):
-                return BAD_COST_NONFINITE
-            if check_negative and x < 0.0:
-                return BAD_COST_NEGATIVE
+            probe += x * 0.0
+            lowest = min(lowest, x)
+    if probe != 0.0:
+        return BAD_COST_NONFINITE
+    if check_negative and lowest < 0.0:
+        return BAD_COST_NEGATIVE
     return CONVERGED
 
 
@@ -676,7 +686,8 @@ def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str
 
     u = np.empty(flat_a.shape[0])
     v = np.empty(flat_b.shape[0])
-    out = np.zeros(Mf.shape[0])
+    # every entry of a problem's own block is written; only padding needs zeros
+    out = np.zeros(Mf.shape[0]) if padded and shapes is not None else np.empty(Mf.shape[0])
     niter = np.zeros(B, dtype=np.int64)
     status = np.zeros(B, dtype=np.int64)
     err = np.zeros(B)
