@@ -298,16 +298,19 @@ def _batches(images, batch_size, preprocess):
             raise ValueError("images are PIL images or paths: pass preprocess= (the model's image transform)")
 
         def load(chunk):
-            from .images import open_rgb
+            from .images import load_images
             out = []
             for im in chunk:
                 if isinstance(im, torch.Tensor):
                     out.append(im)
                     continue
                 if isinstance(im, (str, os.PathLike)):
-                    im = open_rgb(im)
+                    loaded = load_images([im])  # an unreadable file is skipped with a warning
+                    if not loaded:
+                        continue
+                    im = loaded[0][1]
                 out.append(preprocess(im))
-            return torch.stack(out)
+            return torch.stack(out) if out else None
 
         for i, s in enumerate(range(0, len(images), batch_size)):
             chunk = images[s:s + batch_size]
@@ -383,10 +386,15 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
         n_batches = i + 1
         data = _load_batch(_batch_path(folder, i)) if folder is not None else None
         if data is None:
-            pixels = loader().to(dev)
-            raw = _decompose_batch(visual, pixels, layer_set)
-            h, m, o, e = _linearise(visual, *raw, info.layers)
-            data = {"heads": h.cpu(), "mlps": m.cpu(), "other": o.cpu(), "embedding": e.cpu()}
+            pixels = loader()
+            if pixels is None:  # every file of this batch was unreadable
+                d = info.output_dim
+                data = {"heads": torch.zeros(0, len(layers), info.heads, d), "mlps": torch.zeros(0, info.layers + 1, d),
+                        "other": torch.zeros(0, d), "embedding": torch.zeros(0, d)}
+            else:
+                raw = _decompose_batch(visual, pixels.to(dev), layer_set)
+                h, m, o, e = _linearise(visual, *raw, info.layers)
+                data = {"heads": h.cpu(), "mlps": m.cpu(), "other": o.cpu(), "embedding": e.cpu()}
             if folder is not None:
                 _save_atomic(data, _batch_path(folder, i))
         parts.append(data)
@@ -395,6 +403,8 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
         meta["n_images"] = sum(p["heads"].shape[0] for p in parts)
         (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     cat = {k: torch.cat([p[k] for p in parts]) for k in ("heads", "mlps", "other", "embedding")}
+    if cat["heads"].shape[0] == 0:
+        raise ValueError("no image could be read (all were skipped); check the image files")
     return Contributions(cat["heads"], cat["mlps"], cat["other"], cat["embedding"], layers, info.layers, meta)
 
 
