@@ -75,7 +75,10 @@ if HAS_TRITON:
         out = out_ptr + c.to(tl.int64) * stride_oc + rows64[:, None] * stride_or + cols64[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    _GPU_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    # fp32 uses IEEE FMA dot products (register-heavy): smaller tiles keep it spill-free
+    _GPU_BLOCKS = {"fp32": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16},
+                   "fp16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16},
+                   "bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}}
     _INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
     _NUM_WARPS = 4
     _NUM_STAGES = 2
@@ -95,7 +98,7 @@ if HAS_TRITON:
                         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                     }
                     constexprs = {"HAS_Y": has_y, "HAS_BIAS": has_bias,
-                                  "PRECISION": "ieee" if name == "fp32" else "tf32", **_GPU_BLOCKS}
+                                  "PRECISION": "ieee" if name == "fp32" else "tf32", **_GPU_BLOCKS[name]}
                     specs.append({
                         "name": f"head_mask_proj_{name}{'_mean' if has_y else ''}{'_bias' if has_bias else ''}",
                         "fn": _masked_proj_kernel, "signature": signature, "constexprs": constexprs,
@@ -128,7 +131,8 @@ def _masked_proj_triton(x, a, y, b, w, bias):
     out = torch.empty((C, R, D_out), device=x.device, dtype=dtype)
     if C == 0 or R == 0:
         return out
-    blocks = _INTERP_BLOCKS if (triton_interpreting() and not x.is_cuda) else _GPU_BLOCKS
+    dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    blocks = _INTERP_BLOCKS if (triton_interpreting() and not x.is_cuda) else _GPU_BLOCKS[dname]
     grid = (triton.cdiv(R, blocks["BLOCK_M"]), triton.cdiv(D_out, blocks["BLOCK_N"]), C)
     _masked_proj_kernel[grid](
         x, yv, w, biasv, a32, b32, out,

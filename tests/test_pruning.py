@@ -166,3 +166,42 @@ def test_cli_errors(folder, tmp_path):
                                  "--output", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="cannot read head"):
         args.func(args)
+
+
+def test_read_ccs_table_head_keys_in_one_column(tmp_path):
+    (tmp_path / "k.json").write_text(json.dumps([{"head": "L3.H1", "ccs": 5, "label": "x"},
+                                                 {"head": "L2.H0", "ccs": 0}]))
+    rows = read_ccs_table(tmp_path / "k.json")
+    assert [(r["layer"], r["head"], r["ccs"], r["label"]) for r in rows] == [(3, 1, 5.0, "x"), (2, 0, 0.0, "")]
+
+
+def _demo_ctx(tiny_clip, tmp_path, results):
+    from fastinterp.concepts import ConceptDictionary
+    from fastinterp.demo import DemoContext
+    from fastinterp.images import demo_images
+    from fastinterp.models import vit_info
+
+    model, preprocess, tokenizer = tiny_clip
+    images = dict(list(demo_images().items())[:3])
+    return DemoContext(model, preprocess, tokenizer, vit_info(model), ConceptDictionary.builtin("demo"),
+                       torch.zeros(1, 32), images, tmp_path, 0, results)
+
+
+def test_demo_section(tiny_clip, tmp_path):
+    from fastinterp.pruning import demo_section
+
+    ctx = _demo_ctx(tiny_clip, tmp_path, {})
+    text = demo_section(ctx)
+    res = ctx.results["pruning"]
+    assert text.startswith("## Head pruning") and "single-head ablation effects" in text
+    assert res["single_head_ablations"] == 16 and res["max_abs_diff_vs_reference"] < 1e-5
+    assert set(res["accuracy"]) == {"original", "top-3 effect", "bottom-3 effect", "random-s0", "random-s1",
+                                    "random-s2"}
+    assert (tmp_path / "pruning" / "accuracy.png").exists()
+    # with the CCS section's table the head sets come from it
+    ccs = {"heads": [{"head": f"L{l}.H{h}", "label": "x", "ccs": (l + h) % 6} for l in range(2, 4) for h in range(4)]}
+    ctx2 = _demo_ctx(tiny_clip, tmp_path / "b", {"ccs": ccs})
+    text2 = demo_section(ctx2)
+    assert "CCS section's table" in text2
+    acc = ctx2.results["pruning"]["accuracy"]
+    assert {"original", "high", "low", "random-s0"} <= set(acc)
