@@ -1,0 +1,734 @@
+"""Mutual knowledge between CLIP's image and text encoders (SPEC.md section 3).
+
+Pipeline for a batch of images (the images of one class, processed together):
+
+* vision side (``fastinterp.vision``): foreground by the second singular vector, parts by PCA
+  or K-means, three visual prompts per part, part embeddings;
+* text side (here): every part is described by descriptors of a class-agnostic bank D
+  (encoded ONCE and cached on disk; the reference re-encodes ~500 descriptor texts per image):
+  top-500 per part, intersection across parts, relevance filter, fixed-iteration Sinkhorn,
+  top-3 per part, de-duplicated and ordered by 2.5 * cos(image, descriptor): the vision
+  concepts D_v. The language concepts D_y are the top-u descriptors of the predicted (or
+  ground-truth) class's text embedding;
+* mutual information of D_v and D_y and its dynamics (``fastinterp.kernels.mi``), curves
+  batched over all images in one call.
+
+Public entry points: ``explain`` (a batch), ``run_dataset`` (an ImageFolder, resumable,
+per-image JSON + dataset curve + figures), the ``fastinterp mutual`` CLI, and the demo section.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .concepts import ConceptDictionary
+from .kernels.mi import curve_auc, dataset_curve, mi_curves
+from .vision import PART_METHODS, VisualConcepts, extract_visual_concepts
+
+__all__ = [
+    "IMAGENET_TEMPLATES", "curve_auc", "dataset_curve", "mi_curves", "load_descriptors",
+    "class_embeddings", "vision_descriptors", "language_descriptors", "explain",
+    "MutualExplanation", "run_dataset", "plot_parts", "plot_mi_curves", "plot_concept_sets",
+    "register_cli", "demo_section",
+]
+
+IMAGENET_TEMPLATES = (
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of a {}.",
+)
+"""The paper's zero-shot prompt templates for ImageNet (appendix L), averaged per class."""
+
+PART_COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 165, 0],
+                        [255, 192, 203], [160, 32, 240], [0, 255, 255], [128, 0, 0], [128, 128, 0]],
+                       dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# descriptors and classes
+# ----------------------------------------------------------------------------------------
+
+def load_descriptors(source) -> ConceptDictionary:
+    """The descriptor bank D.
+
+    `source`: a ConceptDictionary; a list of strings; a plain-text file (one descriptor per
+    line); or a JSON file holding a list, or an object class -> [descriptors] (as LLM
+    descriptor files are shipped): the descriptors of all classes pooled, class-agnostic,
+    de-duplicated in first-seen order.
+    """
+    if isinstance(source, ConceptDictionary):
+        return source
+    if isinstance(source, (list, tuple)):
+        return ConceptDictionary(source, name="descriptors")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"descriptor file {str(path)!r} does not exist; give a .txt file "
+                                f"(one descriptor per line) or a .json file (class -> descriptors)")
+    if path.suffix.lower() != ".json":
+        return ConceptDictionary.from_file(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"descriptor file {str(path)!r} is not valid UTF-8 JSON: {err}") from err
+    if isinstance(data, dict):
+        texts = []
+        for cls, items in data.items():
+            if isinstance(items, str):
+                items = [items]
+            if not isinstance(items, list):
+                raise ValueError(f"descriptor file {str(path)!r}: class {cls!r} maps to "
+                                 f"{type(items).__name__}; expected a list of strings")
+            texts += items
+    elif isinstance(data, list):
+        texts = data
+    else:
+        raise ValueError(f"descriptor file {str(path)!r} holds a JSON {type(data).__name__}; "
+                         f"expected a list or an object class -> [descriptors]")
+    return ConceptDictionary(texts, name=path.stem)
+
+
+def class_embeddings(model, tokenizer, class_names: Sequence[str], *, templates=IMAGENET_TEMPLATES,
+                     cache_dir=None, progress: bool = False) -> torch.Tensor:
+    """Zero-shot class embeddings: per class the mean of its L2-normalised template
+    embeddings, re-normalised. (C, d) fp32 on CPU, unit rows (cached on disk per template)."""
+    names = [str(c).strip() for c in class_names]
+    if not names:
+        raise ValueError("no class names given")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup or any(not c for c in names):
+        raise ValueError(f"class names must be unique and non-empty; repeated: {dup}")
+    if isinstance(templates, str):
+        templates = (templates,)
+    classes = ConceptDictionary(names, name="classes")
+    acc = None
+    for tpl in templates:
+        e = F.normalize(classes.encode(model, tokenizer, template=tpl, cache_dir=cache_dir,
+                                       progress=progress), dim=-1)
+        acc = e if acc is None else acc + e
+    return F.normalize(acc, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# text side on similarity matrices
+# ----------------------------------------------------------------------------------------
+
+def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Tensor, *,
+                       top_initial: int = 500, relevance_offset: float = 0.02, per_part: int = 3,
+                       scale: float = 2.5, sinkhorn_iters: int = 1000) -> list[dict]:
+    """Descriptors of each image's parts, batched over images (SPEC.md 3.2, D_v).
+
+    Args:
+        part_logits: B tensors (P_b, M): part embedding @ normalised descriptor embeddings^T.
+        relevance: (B, M) cosine of each image with each descriptor.
+    Per image: top-`top_initial` descriptors per part; their intersection over parts (in
+    ascending id order); kept where rel > mean(rel over them) - `relevance_offset`; Sinkhorn
+    with P = exp(scale * S) over `sinkhorn_iters` row-then-column normalisations;
+    top-min(per_part, K) per part; all parts' picks pooled, de-duplicated (first kept) and
+    stably sorted by scale * rel, descending.
+
+    Returns:
+        B dicts: "part_ids" (list of P_b lists of descriptor ids), "ids" (ordered vision
+        concepts), "scores" (scale * rel of each), "common" (size of the intersection) and
+        "kept" (after the relevance filter).
+    """
+    from .kernels.sinkhorn import sinkhorn_fixed
+
+    B = len(part_logits)
+    if relevance.ndim != 2 or relevance.shape[0] != B:
+        raise ValueError(f"relevance must be (B={B}, M), got {tuple(relevance.shape)}")
+    M = relevance.shape[1]
+    counts = [int(x.shape[0]) for x in part_logits]
+    for b, x in enumerate(part_logits):
+        if x.ndim != 2 or x.shape[1] != M:
+            raise ValueError(f"part_logits[{b}] must be (P_b, {M}), got {tuple(x.shape)}")
+    out = [{"part_ids": [], "ids": [], "scores": [], "common": 0, "kept": 0} for _ in range(B)]
+    if sum(counts) == 0 or M == 0:
+        return out
+    allp = torch.cat([x.double() for x in part_logits])
+    k0 = min(int(top_initial), M)
+    top = allp.topk(k0, dim=1).indices
+    owner = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+    hits = torch.zeros(B, M, dtype=torch.int64)
+    hits.index_put_((owner[:, None].expand_as(top), top), torch.ones_like(top), accumulate=True)
+    rel = relevance.double()
+    problems, where = [], []
+    for b in range(B):
+        if counts[b] == 0:
+            continue
+        common = torch.nonzero(hits[b] == counts[b]).flatten()
+        out[b]["common"] = int(common.numel())
+        if common.numel() == 0:
+            out[b]["part_ids"] = [[] for _ in range(counts[b])]
+            continue
+        r = rel[b, common]
+        keep = common[r > r.mean() - relevance_offset]
+        out[b]["kept"] = int(keep.numel())
+        if keep.numel() == 0:
+            out[b]["part_ids"] = [[] for _ in range(counts[b])]
+            continue
+        problems.append(part_logits[b].double()[:, keep])
+        where.append((b, keep))
+    plans = sinkhorn_fixed(problems, scale=scale, epsilon=1.0, iters=sinkhorn_iters) if problems else []
+    for P, (b, keep) in zip(plans, where):
+        k = min(per_part, keep.numel())
+        picks = torch.as_tensor(P).topk(k, dim=1).indices
+        part_ids = [[int(keep[j]) for j in row] for row in picks.tolist()]
+        seen: dict[int, None] = {}
+        for row in part_ids:
+            for i in row:
+                seen.setdefault(i, None)
+        ids = list(seen)
+        sc = (scale * rel[b, torch.tensor(ids)]).tolist()
+        order = sorted(range(len(ids)), key=lambda i: sc[i], reverse=True)
+        out[b]["part_ids"] = part_ids
+        out[b]["ids"] = [ids[i] for i in order]
+        out[b]["scores"] = [float(sc[i]) for i in order]
+    return out
+
+
+def language_descriptors(class_emb: torch.Tensor, descriptor_emb: torch.Tensor, class_ids, u: int) -> torch.Tensor:
+    """D_y: the top-u descriptors by cosine with each class's text embedding.
+
+    class_emb (C, d), descriptor_emb (M, d) (any norm: both are normalised), class_ids (B,)
+    -> (B, min(u, M)) int64 descriptor ids, most similar first.
+    """
+    sims = F.normalize(class_emb.float(), dim=-1)[torch.as_tensor(class_ids, dtype=torch.long)] \
+        @ F.normalize(descriptor_emb.float(), dim=-1).T
+    return sims.topk(min(int(u), sims.shape[1]), dim=1).indices
+
+
+# ----------------------------------------------------------------------------------------
+# explain a batch
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class MutualExplanation:
+    """`records`: one JSON-able dict per image; `visual`: the vision side's arrays (images,
+    masks, part maps, ellipses) for figures; `descriptors`: the bank."""
+
+    records: list
+    visual: VisualConcepts
+    descriptors: ConceptDictionary
+
+
+def _as_methods(parts) -> tuple[str, ...]:
+    if isinstance(parts, str):
+        parts = PART_METHODS if parts == "both" else (parts,)
+    parts = tuple(parts)
+    for p in parts:
+        if p not in PART_METHODS:
+            raise ValueError(f"parts={p!r}; choose from {PART_METHODS} or 'both'")
+    if not parts:
+        raise ValueError("no part method given")
+    return parts
+
+
+def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], descriptors, *,
+            labels=None, parts="pca", n_parts: int = 5, facet: str = "tokens", seed: int = 0,
+            crf: bool = True, language_from: str = "predicted", u: int = 50, u_venn: int = 15,
+            top_initial: int = 500, relevance_offset: float = 0.02, per_part: int = 3,
+            templates=IMAGENET_TEMPLATES, descriptor_template: str = "{}", batch_size: int = 64,
+            cache_dir=None, descriptor_embeddings: torch.Tensor | None = None,
+            class_embeddings_: torch.Tensor | None = None, progress: bool = False) -> MutualExplanation:
+    """Mutual-knowledge explanations of a batch of images (processed together).
+
+    Args:
+        model, preprocess, tokenizer: from ``fastinterp.load_clip`` (a ViT image tower).
+        images: B PIL images (any mode; converted to RGB).
+        class_names: the C candidate classes (zero-shot prediction among them).
+        descriptors: the bank D (see ``load_descriptors``).
+        labels: optional (B,) ground-truth class indices.
+        parts: "pca", "kmeans", "both" or a list of them.
+        language_from: "predicted" (the paper) or "label" (ground truth; needs `labels`).
+        u, u_venn: sizes of D_y for the MI (50) and for the concept-set figure (15).
+        descriptor_embeddings, class_embeddings_: precomputed raw (M, d) / unit (C, d)
+            embeddings (skip encoding; the dataset runner passes them).
+    Returns:
+        MutualExplanation; each record holds the prediction, foreground sizes, D_y, and per
+        part method the parts (with ellipses and descriptors), D_v with scores, the MI curve,
+        MI (its first point), AUC (its mean) and the concept sets (vision, language, mutual).
+    """
+    methods = _as_methods(parts)
+    if language_from not in ("predicted", "label"):
+        raise ValueError(f"language_from={language_from!r}; use 'predicted' or 'label'")
+    bank = load_descriptors(descriptors)
+    B = len(images)
+    if B == 0:
+        raise ValueError("explain needs at least one image")
+    if labels is not None:
+        labels = [int(v) for v in labels]
+        if len(labels) != B:
+            raise ValueError(f"{len(labels)} labels for {B} images")
+        bad = [v for v in labels if not 0 <= v < len(class_names)]
+        if bad:
+            raise ValueError(f"labels {bad} are outside 0..{len(class_names) - 1} (the class list)")
+    elif language_from == "label":
+        raise ValueError("language_from='label' needs labels= (ground-truth class indices)")
+    if descriptor_embeddings is None:
+        descriptor_embeddings = bank.encode(model, tokenizer, template=descriptor_template,
+                                            cache_dir=cache_dir, progress=progress)
+    if descriptor_embeddings.shape[0] != len(bank):
+        raise ValueError(f"{descriptor_embeddings.shape[0]} descriptor embeddings for {len(bank)} descriptors")
+    if class_embeddings_ is None:
+        class_embeddings_ = class_embeddings(model, tokenizer, class_names, templates=templates,
+                                             cache_dir=cache_dir, progress=progress)
+    desc = F.normalize(descriptor_embeddings.float(), dim=-1)
+    cls = F.normalize(class_embeddings_.float(), dim=-1)
+
+    vc = extract_visual_concepts(model, preprocess, images, methods=methods, n_parts=n_parts, facet=facet,
+                                 seed=seed, crf=crf, batch_size=batch_size, progress=progress)
+    img = F.normalize(vc.image_embeddings, dim=-1)
+    predicted = (img @ cls.T).argmax(dim=1).tolist()
+    source = labels if language_from == "label" else predicted
+    lang = language_descriptors(cls, desc, source, u)
+    lang_venn = lang[:, :min(u_venn, lang.shape[1])]
+    relevance = img @ desc.T
+    texts = bank.texts
+
+    records = [{
+        "predicted": predicted[b],
+        "predicted_class": str(class_names[predicted[b]]),
+        "label": labels[b] if labels is not None else None,
+        "label_class": str(class_names[labels[b]]) if labels is not None else None,
+        "language_from": language_from,
+        "foreground_patches": int(vc.foreground[b].sum()),
+        "foreground_pixels": int(vc.crf_masks[b].sum()),
+        "language_ids": lang[b].tolist(),
+        "language_concepts": [texts[i] for i in lang[b].tolist()],
+        "methods": {},
+    } for b in range(B)]
+    for method in methods:
+        pr = vc.parts[method]
+        logits = [e @ desc.T for e in pr.embeddings]
+        vis = vision_descriptors(logits, relevance, top_initial=top_initial,
+                                 relevance_offset=relevance_offset, per_part=per_part)
+        curves = mi_curves([v["ids"] for v in vis], [lang[b].tolist() for b in range(B)])
+        for b in range(B):
+            v = vis[b]
+            vision_set = [texts[i] for i in v["ids"]]
+            venn_lang = [texts[i] for i in lang_venn[b].tolist()]
+            mutual = [t for t in vision_set if t in set(venn_lang)]
+            parts_out = []
+            for j, pid in enumerate(pr.part_ids[b]):
+                ids = v["part_ids"][j] if j < len(v["part_ids"]) else []
+                (cx, cy), (ew, eh), ang = pr.ellipses[b][j]
+                parts_out.append({"part": pid, "pixels": int((pr.pixel_parts[b] == pid).sum()),
+                                  "ellipse": {"center": [cx, cy], "axes": [ew, eh], "angle": ang},
+                                  "descriptor_ids": ids, "descriptors": [texts[i] for i in ids]})
+            curve = curves[b]
+            records[b]["methods"][method] = {
+                "parts": parts_out,
+                "common_descriptors": v["common"],
+                "relevant_descriptors": v["kept"],
+                "vision_ids": v["ids"],
+                "vision_concepts": vision_set,
+                "scores": v["scores"],
+                "mi_curve": [float(x) for x in curve],
+                "mi": float(curve[0]),
+                "auc": curve_auc(curve),
+                "concept_sets": {"vision": vision_set, "language": venn_lang, "mutual": mutual},
+            }
+        for b in range(B):
+            if records[b]["foreground_patches"] == 0:
+                records[b]["note"] = "empty foreground: no parts, no vision concepts, MI 0"
+    return MutualExplanation(records, vc, bank)
+
+
+# ----------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay_parts(image: np.ndarray, pixel_parts: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(S, S, 3) uint8 with each part (pixel_parts >= 0) blended in its colour."""
+    out = image.astype(np.float32).copy()
+    for pid in np.unique(pixel_parts):
+        if pid < 0:
+            continue
+        m = pixel_parts == pid
+        out[m] = (1 - alpha) * out[m] + alpha * PART_COLORS[pid % len(PART_COLORS)]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def plot_parts(image: np.ndarray, pixel_parts: np.ndarray, record: dict, method: str, path, *, title: str = ""):
+    """Image | parts overlay with ellipses, each part's colour next to its descriptors."""
+    import matplotlib.patches as mpatches
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    axes[0].imshow(image)
+    axes[0].set_title(title or record.get("predicted_class", ""), fontsize=9)
+    axes[1].imshow(overlay_parts(image, pixel_parts))
+    handles = []
+    for part in record["methods"][method]["parts"]:
+        color = PART_COLORS[part["part"] % len(PART_COLORS)] / 255.0
+        e = part["ellipse"]
+        axes[1].add_patch(mpatches.Ellipse(e["center"], e["axes"][0], e["axes"][1], angle=e["angle"],
+                                           fill=False, edgecolor=color, linewidth=1))
+        handles.append(mpatches.Patch(color=color, label="; ".join(part["descriptors"]) or "(none)"))
+    axes[1].set_title(f"{method} parts", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    if handles:
+        axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_mi_curves(curves: dict, path, *, title: str = "MI dynamics"):
+    """One line per entry name -> curve (MI after removing t vision concepts), AUC in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, curve in curves.items():
+        c = np.asarray(curve, dtype=float)
+        ax.plot(np.arange(len(c)), c, marker="o", markersize=3,
+                label=f"{name} (AUC {curve_auc(c):.3f})" if len(c) else name)
+    ax.set_xlabel("vision concepts removed (most important first)")
+    ax.set_ylabel("mutual information (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_concept_sets(concept_sets: dict, path, *, title: str = ""):
+    """Two overlapping circles: vision-only, mutual (the overlap) and language-only concepts."""
+    import matplotlib.patches as mpatches
+
+    plt = _plt()
+    vision, language, mutual = concept_sets["vision"], concept_sets["language"], concept_sets["mutual"]
+    only_v = [t for t in vision if t not in set(mutual)]
+    only_l = [t for t in language if t not in set(mutual)]
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    ax.add_patch(mpatches.Circle((0.33, 0.5), 0.3, alpha=0.25, color="tab:blue"))
+    ax.add_patch(mpatches.Circle((0.67, 0.5), 0.3, alpha=0.25, color="tab:orange"))
+    ax.text(0.2, 0.86, f"vision encoder ({len(vision)})", ha="center", fontsize=10)
+    ax.text(0.8, 0.86, f"language encoder ({len(language)})", ha="center", fontsize=10)
+    for x, items in ((0.2, only_v), (0.5, mutual), (0.8, only_l)):
+        ax.text(x, 0.5, "\n".join(items[:15]) or "-", ha="center", va="center", fontsize=6.5, wrap=True)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0.1, 0.92)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.set_title(title or f"mutual concepts: {len(mutual)}", fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# dataset runner
+# ----------------------------------------------------------------------------------------
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic JSON write (temporary file + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_record(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_class_names(source, folders: Sequence[str]) -> list[str]:
+    """Display names of the class folders: None -> the folder names ('_' as spaces); a
+    .json object folder -> name; or a text file of one name per line in folder order (as
+    many lines as folders)."""
+    if source is None:
+        return [f.replace("_", " ") for f in folders]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{str(path)!r}: expected a JSON object folder -> class name")
+        missing = [f for f in folders if f not in data]
+        if missing:
+            raise ValueError(f"{str(path)!r} has no class name for folders {missing[:5]}")
+        return [str(data[f]) for f in folders]
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(names) != len(folders):
+        raise ValueError(f"{str(path)!r} lists {len(names)} class names but the image folder has "
+                         f"{len(folders)} class folders; give one name per folder, in sorted folder order")
+    return names
+
+
+def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, class_names=None,
+                parts="both", seed: int = 0, language_from: str = "predicted", figures: int = 1,
+                progress: bool = True, cache_dir=None, **explain_kwargs) -> dict:
+    """Mutual knowledge over an image folder (ImageFolder layout: root/<class>/<image>).
+
+    The images of each class are processed together (as the reference does). Writes
+    ``output/images/<class>/<file>.json`` per image, ``figures/`` (parts overlays for the
+    first `figures` images of each class, their concept sets, the dataset MI curves) and
+    ``summary.json``: per part method the dataset curve (zero-padded point-wise mean), its
+    AUC and the mean MI, plus counts of processed / resumed / unreadable images and empty
+    classes. Unreadable files are skipped with a warning, listed in the summary and marked by
+    a small JSON (``{"unreadable": reason}``, retried when the file changes). Resumable: a class
+    whose images all have JSON files is skipped (a partly done class is recomputed whole, so
+    its results equal an uninterrupted run's).
+
+    Returns the summary dict.
+    """
+    from tqdm.auto import tqdm
+
+    from .images import list_image_folder, load_images
+
+    t0 = time.perf_counter()
+    methods = _as_methods(parts)
+    out = Path(output)
+    root_path = Path(root)
+    if root_path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in root_path.iterdir()):
+        raise ValueError(f"{str(root)!r} has no class sub-folders; use the ImageFolder layout root/<class>/<image>")
+    listing = list_image_folder(root, labelled=True)
+    if not listing.classes:
+        raise ValueError(f"{str(root)!r} has no class sub-folders; use the ImageFolder layout root/<class>/<image>")
+    names = read_class_names(class_names, listing.classes)
+    bank = load_descriptors(descriptors)
+    desc_emb = bank.encode(model, tokenizer, cache_dir=cache_dir, progress=progress)
+    cls_emb = class_embeddings(model, tokenizer, names, cache_dir=cache_dir, progress=progress)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    by_class: dict[str, list[Path]] = {c: [] for c in listing.classes}
+    for p, c in listing.items:
+        by_class[c].append(p)
+
+    def json_path(p: Path, c: str) -> Path:
+        return out / "images" / _safe(c) / (_safe(p.name) + ".json")
+
+    def stamp(p: Path) -> list:
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def done(p: Path, c: str) -> bool:
+        rec = _read_record(json_path(p, c))
+        if rec is None:
+            return False
+        # an unreadable file's marker holds only while the file is unchanged
+        return "unreadable" not in rec or rec.get("stamp") == stamp(p)
+
+    processed = resumed = 0
+    for ci, c in enumerate(tqdm(listing.classes, desc="mutual: classes", disable=not progress, unit="class")):
+        paths = by_class[c]
+        if not paths:
+            continue
+        if all(done(p, c) for p in paths):
+            resumed += sum("unreadable" not in (_read_record(json_path(p, c)) or {}) for p in paths)
+            continue
+        n_skipped = len(listing.skipped)
+        loaded = load_images(paths, listing=listing)
+        for p, err in listing.skipped[n_skipped:]:
+            _write_json(json_path(p, c), {"image": str(p), "class_folder": c, "unreadable": err, "stamp": stamp(p)})
+        if not loaded:
+            continue
+        exp = explain(model, preprocess, tokenizer, [im for _, im in loaded], names, bank,
+                      labels=[ci] * len(loaded), parts=methods, seed=seed, language_from=language_from,
+                      descriptor_embeddings=desc_emb, class_embeddings_=cls_emb, progress=False,
+                      **explain_kwargs)
+        for b, ((p, _), rec) in enumerate(zip(loaded, exp.records)):
+            rec = dict(rec, image=str(p), class_folder=c)
+            _write_json(json_path(p, c), rec)
+            processed += 1
+            if b < figures:
+                stem = f"{_safe(c)}__{_safe(p.stem)}"
+                for m in methods:
+                    plot_parts(exp.visual.images[b], exp.visual.parts[m].pixel_parts[b], rec, m,
+                               out / "figures" / f"{stem}__{m}_parts.png", title=f"{c}: predicted {rec['predicted_class']}")
+                plot_concept_sets(rec["methods"][methods[0]]["concept_sets"],
+                                  out / "figures" / f"{stem}__concept_sets.png",
+                                  title=f"{c} ({methods[0]}): vision vs language concepts")
+
+    # aggregate over every image that has a record (this run's and earlier runs')
+    unreadable = {str(p): e for p, e in listing.skipped}
+    curves = {m: [] for m in methods}
+    mis = {m: [] for m in methods}
+    empty_fg = 0
+    records = 0
+    for p, c in listing.items:
+        rec = _read_record(json_path(p, c))
+        if rec is None:
+            continue
+        if "unreadable" in rec:
+            unreadable.setdefault(str(p), rec["unreadable"])
+            continue
+        records += 1
+        empty_fg += rec.get("foreground_patches", 1) == 0
+        for m in methods:
+            if m in rec.get("methods", {}):
+                curves[m].append(rec["methods"][m]["mi_curve"])
+                mis[m].append(rec["methods"][m]["mi"])
+    summary = {"root": str(root), "output": str(out), "classes": len(listing.classes),
+               "images_listed": len(listing.items), "images_with_results": records,
+               "processed_this_run": processed, "resumed": resumed,
+               "unreadable": [{"path": p, "error": e} for p, e in unreadable.items()],
+               "empty_classes": listing.empty_classes, "empty_foreground": int(empty_fg),
+               "language_from": language_from, "descriptors": len(bank), "methods": {}}
+    for m in methods:
+        if curves[m]:
+            dc = dataset_curve(curves[m])
+            summary["methods"][m] = {"images": len(curves[m]), "mi": float(np.mean(mis[m])),
+                                     "dataset_curve": [float(x) for x in dc], "auc": curve_auc(dc)}
+    if summary["methods"]:
+        plot_mi_curves({m: v["dataset_curve"] for m, v in summary["methods"].items()},
+                       out / "figures" / "dataset_mi_curves.png", title=f"dataset MI dynamics ({records} images)")
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    _write_json(out / "summary.json", summary)
+    if unreadable:
+        warnings.warn(f"{len(unreadable)} unreadable image(s) skipped; listed in summary.json",
+                      RuntimeWarning, stacklevel=2)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# CLI and demo
+# ----------------------------------------------------------------------------------------
+
+def _cmd_explain(args) -> int:
+    from .models import load_clip
+
+    torch.manual_seed(args.seed)
+    model, preprocess, tokenizer = load_clip(args.model_name, args.pretrained, device=args.device,
+                                             checkpoint=args.checkpoint)
+    descriptors = args.descriptors or _demo_descriptor_path()
+    summary = run_dataset(args.folder, model, preprocess, tokenizer, descriptors, output=args.output,
+                          class_names=args.classes, parts=args.parts, seed=args.seed,
+                          language_from=args.language_from, figures=args.figures,
+                          progress=not args.quiet, facet=args.facet, crf=not args.no_crf,
+                          n_parts=args.n_parts, u=args.u, batch_size=args.batch_size)
+    print(f"mutual: {summary['images_with_results']} images with results "
+          f"({summary['processed_this_run']} this run, {summary['resumed']} resumed, "
+          f"{len(summary['unreadable'])} unreadable, empty classes: {summary['empty_classes'] or 'none'})")
+    for m, v in summary["methods"].items():
+        print(f"  {m:7s} MI {v['mi']:.4f}  AUC {v['auc']:.4f}  ({v['images']} images)")
+    print(f"results in {args.output} (summary.json, images/, figures/)")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Adds `fastinterp mutual explain FOLDER ...`."""
+    from .cli import add_model_args
+
+    group = subparsers.add_parser("mutual", help="mutual knowledge of CLIP's image and text encoders")
+    sub = group.add_subparsers(dest="mutual_command", required=True)
+    p = sub.add_parser("explain", help="explain every image of an ImageFolder; MI curves and AUC")
+    p.add_argument("folder", help="image folder, ImageFolder layout: FOLDER/<class>/<image>")
+    add_model_args(p)
+    p.add_argument("--descriptors", default=None,
+                   help="descriptor bank: .txt (one per line) or .json (class -> descriptors); "
+                        "default: the small built-in demo list")
+    p.add_argument("--classes", default=None,
+                   help="class names: .txt (one per class folder, sorted order) or .json (folder -> name); "
+                        "default: the folder names")
+    p.add_argument("--output", default="mutual-out", help="output folder (default: mutual-out)")
+    p.add_argument("--parts", default="both", choices=["pca", "kmeans", "both"])
+    p.add_argument("--n-parts", type=int, default=5)
+    p.add_argument("--facet", default="tokens", choices=["tokens", "keys"])
+    p.add_argument("--language-from", default="predicted", choices=["predicted", "label"],
+                   help="D_y from the zero-shot prediction (paper) or the ground-truth class")
+    p.add_argument("--u", type=int, default=50, help="size of D_y for the MI (default 50)")
+    p.add_argument("--no-crf", action="store_true", help="skip the dense-CRF refinement")
+    p.add_argument("--figures", type=int, default=1, help="part figures per class (default 1)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _demo_descriptor_path():
+    from importlib import resources
+
+    return resources.files("fastinterp.data").joinpath("demo_descriptors.txt")
+
+
+def demo_descriptors() -> ConceptDictionary:
+    """The built-in small class-agnostic descriptor list."""
+    text = _demo_descriptor_path().read_text(encoding="utf-8")
+    return ConceptDictionary(text.splitlines(), name="demo_descriptors")
+
+
+DEMO_CLASSES = {"astronaut": "astronaut", "coffee": "cup of coffee", "chelsea": "cat", "rocket": "rocket"}
+
+
+def demo_section(ctx) -> str:
+    """`fastinterp demo` section: the demo photos as one batch, both part methods."""
+    t0 = time.perf_counter()
+    names = list(ctx.images)
+    class_names = [DEMO_CLASSES.get(n, n) for n in names]
+    exp = explain(ctx.model, ctx.preprocess, ctx.tokenizer, [ctx.images[n] for n in names], class_names,
+                  demo_descriptors(), labels=list(range(len(names))), parts="both", seed=ctx.seed,
+                  cache_dir=ctx.output / "cache")
+    elapsed = time.perf_counter() - t0
+    curves, lines = {}, []
+    for m in PART_METHODS:
+        cs = [r["methods"][m]["mi_curve"] for r in exp.records]
+        dc = dataset_curve(cs)
+        curves[m] = dc
+        lines.append(f"- {m}: dataset MI {np.mean([r['methods'][m]['mi'] for r in exp.records]):.4f}, "
+                     f"AUC {curve_auc(dc):.4f}")
+    plot_mi_curves(curves, ctx.output / "mutual_mi_curves.png", title="MI dynamics (demo photos)")
+    b = max(range(len(names)), key=lambda i: exp.records[i]["foreground_patches"])
+    plot_parts(exp.visual.images[b], exp.visual.parts["pca"].pixel_parts[b], exp.records[b], "pca",
+               ctx.output / "mutual_parts.png", title=f"{names[b]}: predicted {exp.records[b]['predicted_class']}")
+    plot_concept_sets(exp.records[b]["methods"]["pca"]["concept_sets"], ctx.output / "mutual_concept_sets.png")
+    ctx.results["mutual"] = {
+        "images": names,
+        "seconds": round(elapsed, 2),
+        "per_image": {n: {"predicted": r["predicted_class"], "foreground_patches": r["foreground_patches"],
+                          **{m: {"mi": r["methods"][m]["mi"], "auc": r["methods"][m]["auc"],
+                                 "vision_concepts": r["methods"][m]["vision_concepts"]} for m in PART_METHODS}}
+                      for n, r in zip(names, exp.records)},
+        "dataset": {m: {"curve": [float(x) for x in curves[m]], "auc": curve_auc(curves[m])} for m in PART_METHODS},
+    }
+    rows = [f"| {n} | {r['predicted_class']} | {r['foreground_patches']} | "
+            + " | ".join(f"{r['methods'][m]['mi']:.3f} / {r['methods'][m]['auc']:.3f}" for m in PART_METHODS)
+            + f" | {', '.join(r['methods']['pca']['vision_concepts'][:3]) or '-'} |"
+            for n, r in zip(names, exp.records)]
+    return "\n".join([
+        "## Mutual knowledge",
+        "",
+        f"The {len(names)} demo photos as one batch: foreground by the second singular vector, "
+        f"5 parts by PCA and K-means, visual prompts, {len(exp.descriptors)} built-in descriptors, "
+        f"MI dynamics ({elapsed:.1f} s). With random weights the concepts are noise; the point is "
+        "that every step runs.",
+        "",
+        "| photo | predicted | fg patches | MI / AUC (pca) | MI / AUC (kmeans) | top vision concepts (pca) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *lines,
+        "",
+        "![parts](mutual_parts.png) ![MI curves](mutual_mi_curves.png) ![concept sets](mutual_concept_sets.png)",
+    ])
