@@ -145,26 +145,42 @@ def _embed(visual, images):
     return x
 
 
-def _head_outputs(block, x):
-    """(B, N, D) residual -> (B, N, H, hd) per-head attention outputs before out_proj."""
+def _head_outputs(block, x, cls_only: bool = False):
+    """(B, N, D) residual -> (B, N, H, hd) per-head attention outputs before out_proj
+    (with cls_only: the class-token query only, (B, 1, H, hd))."""
     attn = block.attn
     B, N, D = x.shape
     H = attn.num_heads
     hd = D // H
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    h = block.ln_1(x)
+    if cls_only:
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(h[:, :1], w[:D], None if b is None else b[:D]).view(B, 1, H, hd).transpose(1, 2)
+        kv = F.linear(h, w[D:], None if b is None else b[D:])
+        k, v = kv.view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N or 1, hd)
     return o.transpose(1, 2)
+
+
+def _cls_pooled(visual) -> bool:
+    """True when the embedding reads only the class token of the last block's output
+    (pool_type 'tok', no attentional pooler): then the last block runs for that token only."""
+    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", "tok") == "tok"
 
 
 def _mlp(block, x):
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def _plain_block(block, x):
-    o = _head_outputs(block, x)
+def _plain_block(block, x, cls_only: bool = False):
+    o = _head_outputs(block, x, cls_only)
     B, N, H, hd = o.shape
     attn = block.attn
+    if cls_only:
+        x = x[:, :1]
     x = x + block.ls_1(F.linear(o.reshape(B, N, H * hd), attn.out_proj.weight, attn.out_proj.bias))
     return _mlp(block, x)
 
@@ -180,11 +196,15 @@ def _proj_args(block):
     return block.attn.out_proj.weight, block.attn.out_proj.bias
 
 
-def _masked_block(block, x, masks_l, mean_l, C, backend):
-    """x: (C*B, N, D); masks_l: (C, H) -> (C*B, N, D)."""
-    o = _head_outputs(block, x)
+def _masked_block(block, x, masks_l, mean_l, C, backend, cls_only: bool = False):
+    """x: (C*B, N, D); masks_l: (C, H) -> (C*B, N, D) ((C*B, 1, D) with cls_only)."""
+    o = _head_outputs(block, x, cls_only)
     CB, N, H, hd = o.shape
     B = CB // C
+    if cls_only:
+        x = x[:, :1]
+        if mean_l is not None:
+            mean_l = mean_l[:1]
     w, bias = _proj_args(block)
     a = masks_l.to(o.device)
     if bool((masks_l == 1).all()):  # nothing masked in this layer: the plain projection
@@ -306,19 +326,23 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
 
     x = _embed(visual, images)
     l0 = int(first.min())
+    cls_last = _cls_pooled(visual)  # the last block only matters for the class token
     for layer in range(l0):
-        x = _plain_block(blocks[layer], x)
+        x = _plain_block(blocks[layer], x, cls_last and layer == L - 1)
     chunk = config_chunk or C
 
     for layer in range(l0, L):
         block = blocks[layer]
+        last = cls_last and layer == L - 1
         starters = (first == layer).nonzero().flatten().tolist()
         if not starters:
-            x = _plain_block(block, x)
+            x = _plain_block(block, x, last)
             continue
         # the unmasked layer, computed once for all configurations that start here
-        o = _head_outputs(block, x)  # (B, N, H, hd)
+        o = _head_outputs(block, x, last)  # (B, N, H, hd); N = 1 for a class-token-only last layer
         N, H, hd = o.shape[1:]
+        if last:
+            x = x[:, :1]
         w, bias = _proj_args(block)
         clean_attn = F.linear(o.reshape(B, N, H * hd), w, bias)
         for s0 in range(0, len(starters), chunk):
@@ -329,12 +353,13 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
             if means is None:
                 delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, backend=backend)
             else:
-                delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, y=means[layer], b=-a,
+                delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, y=means[layer][:N], b=-a,
                                                backend=backend)
             xs = x.unsqueeze(0) + block.ls_1(clean_attn.unsqueeze(0) + delta.reshape(G, B, N, -1))
             xs = _mlp(block, xs.reshape(G * B, N, -1))
             for later in range(layer + 1, L):
-                xs = _masked_block(blocks[later], xs, m[:, later], _means_for(means, later), G, backend)
+                xs = _masked_block(blocks[later], xs, m[:, later], _means_for(means, later), G, backend,
+                                   cls_last and later == L - 1)
             out[group] = _finish(visual, xs).reshape(G, B, -1)
         if (first > layer).any():
             x = x + block.ls_1(clean_attn)

@@ -28,6 +28,9 @@ from .ablation import MODES, head_set_masks, parse_head
 __all__ = [
     "HeadSet",
     "add_prune_cli",
+    "encode_under_masks",
+    "max_skew_under_masks",
+    "retrieval_under_masks",
     "build_head_sets",
     "folder_head_means",
     "plot_results",
@@ -168,6 +171,87 @@ def folder_head_means(model, preprocess, folder, *, batch_size: int = 32, progre
                 yield torch.stack([preprocess(im) for _, im in loaded]).to(device)
 
     return head_output_means(model, batches(), batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def encode_under_masks(model, images: torch.Tensor, masks, *, mode: str = "zero", means=None,
+                       batch_size: int = 32, backend=None, progress: bool = False) -> torch.Tensor:
+    """`masked_forward` over many preprocessed images in batches.
+
+    Args:
+        images: (N, 3, H, W) preprocessed images (any device; moved batch by batch).
+        masks: (C, layers, heads).
+
+    Returns:
+        (C, N, d) unnormalised embeddings on the CPU (float32).
+    """
+    from tqdm.auto import tqdm
+
+    from .ablation import masked_forward
+
+    device = next(model.parameters()).device
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    out = []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc="masked forward", disable=not progress):
+        emb = masked_forward(model, images[start:start + batch_size].to(device), masks, mode=mode, means=means,
+                             backend=backend)
+        out.append(emb.float().cpu())
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def retrieval_under_masks(model, tokenizer, frames, captions, masks, *, direction: str = "t2v",
+                          mode: str = "zero", means=None, batch_size: int = 32, backend=None) -> dict:
+    """Text-video retrieval for every head-mask configuration (CCS video retrieval).
+
+    Args:
+        frames: (V, F, 3, H, W) preprocessed frames (F frames per video; F = 1 for images).
+        captions: V captions, caption i describing video i.
+        masks: (C, layers, heads).
+
+    Returns:
+        `fastinterp.zeroshot.retrieval_metrics` with (C,) values: R1/R5/R10/R50 (%), MedR, MeanR.
+        Frames are L2-normalised and mean-pooled; captions L2-normalised.
+    """
+    import torch.nn.functional as F
+
+    from .concepts import encode_texts
+    from .zeroshot import pool_frames, retrieval_metrics
+
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 5:
+        raise ValueError(f"frames must be (videos, frames, 3, H, W), got {getattr(frames, 'shape', type(frames))}")
+    V, n_frames = frames.shape[:2]
+    if len(captions) != V:
+        raise ValueError(f"{V} videos but {len(captions)} captions; give one caption per video")
+    emb = encode_under_masks(model, frames.reshape(V * n_frames, *frames.shape[2:]), masks, mode=mode,
+                             means=means, batch_size=batch_size, backend=backend)
+    video = pool_frames(emb.reshape(emb.shape[0], V, n_frames, -1))  # (C, V, d)
+    text = F.normalize(encode_texts(model, tokenizer, list(captions), progress=False), dim=-1)
+    return retrieval_metrics(text.expand(video.shape[0], -1, -1), video, direction=direction)
+
+
+@torch.no_grad()
+def max_skew_under_masks(model, tokenizer, images: torch.Tensor, groups, queries, masks, *, k: int = 10,
+                         templates=("a photo of a {}.",), mode: str = "zero", means=None, batch_size: int = 32,
+                         backend=None) -> dict:
+    """MaxSkew@k of text queries (e.g. occupations) over images with attribute groups, for
+    every head-mask configuration (CCS fairness evaluation).
+
+    Each query's text embedding is the normalised mean of its normalised template
+    embeddings; similarity = cosine with the normalised image embeddings.
+
+    Returns:
+        `fastinterp.zeroshot.max_skew` with a leading C axis: "per_query" (C, Q), "mean" (C,).
+    """
+    import torch.nn.functional as F
+
+    from .zeroshot import max_skew, text_classifier
+
+    emb = F.normalize(encode_under_masks(model, images, masks, mode=mode, means=means, batch_size=batch_size,
+                                         backend=backend), dim=-1)
+    text = text_classifier(model, tokenizer, list(queries), templates).float().cpu()
+    return max_skew(torch.einsum("qd,cnd->cqn", text, emb), groups, k)
 
 
 def _run_key(model, folder, mode, templates) -> dict:

@@ -277,3 +277,15 @@ else:
     if line == "NO-CUOBJDUMP":
         pytest.skip("cuobjdump not shipped with this triton wheel")
     assert "STACK:0 " in line and "LOCAL:0 " in line, line
+
+
+def test_average_pooled_tower_runs_every_token_of_the_last_block(model, images):
+    """With pool_type='tok' the last block runs for the class token only; other poolings need
+    every token: check both against the reference pruning."""
+    avg = copy.deepcopy(model)
+    avg.visual.pool_type = "avg"
+    sets = [[], [(3, 2)], [(1, 0), (3, 3)]]
+    emb = masked_forward(avg, images, head_set_masks(avg, sets))
+    for c, heads in enumerate(sets):
+        torch.testing.assert_close(emb[c], ref.pruned_encode(avg, images, heads), atol=1e-5, rtol=1e-5)
+    assert (emb[0] - masked_forward(model, images, torch.ones(1, L, H))[0]).abs().max() > 1e-4

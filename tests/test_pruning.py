@@ -205,3 +205,41 @@ def test_demo_section(tiny_clip, tmp_path):
     assert "CCS section's table" in text2
     acc = ctx2.results["pruning"]["accuracy"]
     assert {"original", "high", "low", "random-s0"} <= set(acc)
+
+
+def test_retrieval_and_skew_under_masks_match_pruned_models(tiny_clip):
+    import torch.nn.functional as F
+
+    from fastinterp.pruning import max_skew_under_masks, retrieval_under_masks
+    from fastinterp.reference import ablation as ref
+    from fastinterp.zeroshot import max_skew, retrieval_metrics
+
+    model, _, tokenizer = tiny_clip
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randn(5, 2, 3, 64, 64, generator=g)  # 5 videos of 2 frames
+    captions = ["a dog", "a red car", "two people", "a city at night", "a bowl of soup"]
+    sets = [[], [(3, 1), (2, 0)]]
+    masks = head_set_masks(model, sets)
+    got = retrieval_under_masks(model, tokenizer, frames, captions, masks, batch_size=4)
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    for c, heads in enumerate(sets):
+        emb = ref.pruned_encode(model, frames.reshape(10, 3, 64, 64), heads)
+        video = F.normalize(emb, dim=-1).reshape(5, 2, -1).mean(1)
+        expect = retrieval_metrics(text, video)
+        for key in ("R1", "R5", "MedR", "MeanR"):
+            assert got[key][c].item() == pytest.approx(expect[key].item())
+
+    images = torch.randn(8, 3, 64, 64, generator=g)
+    groups = [0, 0, 0, 1, 1, 1, 2, 2]
+    queries = ["doctor", "nurse", "pilot"]
+    skew = max_skew_under_masks(model, tokenizer, images, groups, queries, masks, k=4, batch_size=3)
+    assert skew["per_query"].shape == (2, 3) and skew["mean"].shape == (2,)
+    with torch.no_grad():
+        q = F.normalize(model.encode_text(tokenizer([f"a photo of a {w}." for w in queries])), dim=-1)
+    for c, heads in enumerate(sets):
+        img = F.normalize(ref.pruned_encode(model, images, heads), dim=-1)
+        expect = max_skew(q @ img.T, groups, 4)
+        torch.testing.assert_close(skew["per_query"][c], expect["per_query"], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="one caption per video"):
+        retrieval_under_masks(model, tokenizer, frames, captions[:2], masks)
