@@ -357,6 +357,11 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
     dev = visual.conv1.weight.device if device is None else torch.device(device)
     folder = None
     meta = _meta_for(model, layers, batch_size, info.layers)
+    if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
+        import hashlib
+        meta["inputs"] = hashlib.sha256("\0".join(map(os.fspath, images)).encode()).hexdigest()[:16]
+    elif isinstance(images, torch.Tensor):
+        meta["inputs"] = f"tensor{tuple(images.shape)}"
     if output is not None:
         folder = Path(output)
         folder.mkdir(parents=True, exist_ok=True)

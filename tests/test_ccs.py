@@ -215,6 +215,15 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "ccs textspan" in capsys.readouterr().err
 
 
+def test_cli_layer_out_of_range(image_folder, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["ccs", "textspan", "--images", str(image_folder), "--layers", "2,4", "--output", out, "--quiet"]) == 2
+    assert "layer 4 is out of range" in capsys.readouterr().err
+    assert main(["ccs", "textspan", "--images", str(image_folder), "--last-layers", "5", "--output", out,
+                 "--quiet"]) == 2
+    assert "--last-layers 5 is out of range" in capsys.readouterr().err
+
+
 def test_prune_subcommand_is_wired():
     from fastinterp.cli import build_parser
 
