@@ -24,6 +24,7 @@ SECTIONS: tuple[str, ...] = (
     # "module:function" entries, each `fn(ctx: DemoContext) -> str` (a Markdown section);
     # the method modules add theirs here.
     "fastinterp.mutual:demo_section",
+    "fastinterp.ccs:demo_section",
 )
 
 
