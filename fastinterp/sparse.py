@@ -21,7 +21,10 @@ selected (and count in the coherence mean), as in the reference.
 
 Ties in the selection go to the lowest atom index (like `torch.argmax`). The small solves
 run in float64. The selection step runs as a Triton kernel on CUDA tensors and as blocked
-torch matmuls on the CPU (`kernels/pursuit.py`); the NNLS is `kernels/nnls.py`.
+torch matmuls on the CPU (`kernels/pursuit.py`); on CPUs with native bf16 (AVX512-BF16,
+AMX) and M >= 2048 it first scores in bf16 and rescores the few atoms a rigorous error
+bound cannot rule out, exactly (same selections; FASTINTERP_PURSUIT_SCREEN=0 turns this
+off). The NNLS is `kernels/nnls.py`.
 """
 from __future__ import annotations
 
@@ -187,6 +190,7 @@ def _pursuit(x, dictionary, k, *, coh, coh_dictionary, positive, selection, chun
     if use_coh:
         coh_src = coh_dictionary if separate else dictionary
         coh_sum = torch.zeros((B, coh_src.shape[1]), dtype=x.dtype, device=dev)
+    screen_cache: dict = {}  # bf16 screening state shared by the steps (kernels/pursuit.py)
     r = x
     for step in range(k):
         q, q2, g2 = r, None, None
@@ -197,7 +201,8 @@ def _pursuit(x, dictionary, k, *, coh, coh_dictionary, positive, selection, chun
             else:
                 q = r + coh * mean
         j, _, _ = select_atoms(q, dictionary, ids[:, :step], q2=q2, dictionary2=g2,
-                               use_abs=selection == "abs", chunk_size=chunk_size, backend=backend)
+                               use_abs=selection == "abs", chunk_size=chunk_size, backend=backend,
+                               screen_cache=screen_cache)
         ids[:, step] = j
         a = dictionary[j].to(torch.float64)  # (B, D)
         atoms[:, step] = a

@@ -15,10 +15,15 @@ the running max per signal in registers), so a 1,000,000-atom dictionary costs o
 own storage. Ties go to the lowest atom index (like `torch.argmax`).
 
 Forms: `_select_torch` (CPU, any device) and `_select_triton` (CUDA, or the interpreter),
-dispatched by `select_atoms` via `choose_backend`. The dictionary may be stored in
+dispatched by `select_atoms` via `choose_backend`. On CPUs with native bf16 dot products,
+`_select_torch_screened` (exact result, about 2-3x less time): a bf16 matmul scores every
+atom, a rigorous per-signal error bound keeps the few atoms that could still win, and those
+are rescored exactly. The dictionary may be stored in
 fp16/bf16 with fp32 accumulation (on the CPU path each chunk is upcast to fp32).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -248,10 +253,176 @@ def _select_torch(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, c
     return best_idx, best_val, best_raw
 
 
+# --------------------------------------------------------------------------------------
+# torch form with bf16 screening (CPU): exact result, most of the matmul in bf16
+# --------------------------------------------------------------------------------------
+_BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
+SCREEN_ENV = "FASTINTERP_PURSUIT_SCREEN"
+SCREEN_MIN_ATOMS = 2048
+SCREEN_MAX_CANDIDATES = 64
+SCREEN_CACHE_BYTES = 512 << 20
+"""A bf16 copy of the dictionary is kept for the pursuit's steps when it is this small."""
+_screen_ok: dict[str, bool] = {}
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _screen_bounds(q, q_b, d, atom_err, atom_norm_b):
+    """Per-signal constant A and relative factor w of the error bound
+    |bf16 score - exact score| <= A + w |bf16 score|:
+
+        q~.g~ - q.g = e_q.g~ + q.e_g     ->  ||e_q|| max||g~|| + ||q|| max||e_g||
+        fp32 sum of D exact products     ->  gamma_D ||q~|| max||g~||   (gamma_D = D 2^-24 / (1 - D 2^-24))
+        bf16 rounding of the result      ->  2u / (1 - 2u) |result|      (2u: covers truncation too)
+
+    with e_q = q~ - q and e_g = g~ - g measured exactly; a 1.05 factor on top."""
+    q64 = q.to(torch.float64)
+    qb64 = q_b.to(torch.float64)
+    e_q = torch.linalg.vector_norm(qb64 - q64, dim=1)
+    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    a = e_q * atom_norm_b + torch.linalg.vector_norm(q64, dim=1) * atom_err \
+        + gamma * torch.linalg.vector_norm(qb64, dim=1) * atom_norm_b
+    w = 2 * _BF16_U / (1 - 2 * _BF16_U)
+    return (a * 1.05 + 1e-30).to(torch.float32), w * 1.05
+
+
+def _bf16_screen_available(device: torch.device) -> bool:
+    """Screening is used on CPUs with native bf16 dot products (AVX512-BF16 / AMX), after a
+    one-time probe confirms this torch build's bf16 matmul obeys the error bound of
+    `_screen_bounds` (fp32 accumulation); adversarial rows (all-positive, sums near the
+    norm) included."""
+    key = device.type
+    if key not in _screen_ok:
+        ok = device.type == "cpu" and _cpu_has_fast_bf16()
+        if ok:
+            g = torch.Generator().manual_seed(0)
+            d = 768
+            q = torch.randn(48, d, generator=g)
+            q[:16] = q[:16].abs() + 1.0  # long same-sign sums expose low-precision accumulation
+            a = torch.nn.functional.normalize(torch.randn(512, d, generator=g), dim=1)
+            a[:128] = torch.nn.functional.normalize(a[:128].abs() + 1.0, dim=1)
+            q_b, a_b = q.to(torch.bfloat16), a.to(torch.bfloat16)
+            exact = q.double() @ a.double().T
+            approx = (q_b @ a_b.T).double()
+            a_err = float(torch.linalg.vector_norm(a_b.double() - a.double(), dim=1).max())
+            a_nb = float(torch.linalg.vector_norm(a_b.double(), dim=1).max())
+            const, w = _screen_bounds(q, q_b, d, a_err, a_nb)
+            bound = const.double().unsqueeze(1) + w * approx.abs()
+            ok = bool(((approx - exact).abs() <= bound).all())
+        _screen_ok[key] = ok
+    return _screen_ok[key]
+
+
+def _prepare_screen(dictionary, chunk, cache):
+    """Fill `cache` with the dictionary's bf16 rounding error max||g~ - g||, max||g~|| and,
+    if small enough, the bf16 copy itself (one pass over the dictionary)."""
+    if "err" in cache:
+        return cache
+    m, d = dictionary.shape
+    keep = m * d * 2 <= SCREEN_CACHE_BYTES
+    copy = torch.empty((m, d), dtype=torch.bfloat16, device=dictionary.device) if keep else None
+    err = 0.0
+    norm_b = 0.0
+    for s in range(0, m, chunk):
+        g = dictionary[s:s + chunk].float()
+        g_b = g.to(torch.bfloat16)
+        g_bf = g_b.float()
+        # g~ - g is exact in fp32 (the dropped low significand bits); the fp32 norms get a
+        # 1e-5 relative allowance for their own rounding
+        err = max(err, float(torch.linalg.vector_norm(g_bf - g, dim=1).max()) * (1 + 1e-5))
+        norm_b = max(norm_b, float(torch.linalg.vector_norm(g_bf, dim=1).max()) * (1 + 1e-5))
+        if keep:
+            copy[s:s + chunk] = g_b
+    cache.update({"err": err, "norm_b": norm_b, "bf16": copy})
+    return cache
+
+
+def _select_torch_screened(q, dictionary, masked, use_abs, chunk_size, cache):
+    """Exact argmax (mask -inf), screened in bf16.
+
+    Pass 1 scores every atom with a bf16 matmul (fp32 accumulation) and keeps, per signal,
+    the atoms whose score could still be the best under the rigorous error bound of
+    `_screen_bounds` (the true best atom and all atoms tied with it always are). Pass 2
+    rescores those candidates exactly (float64 dot products) and takes the best, ties to
+    the lowest index. Signals with more than SCREEN_MAX_CANDIDATES candidates (near-zero
+    or degenerate queries) are redone on the exact fp32 path.
+    """
+    B, D = q.shape
+    M = dictionary.shape[0]
+    dev = q.device
+    if chunk_size is None:
+        chunk_size = max(256, DEFAULT_CHUNK_ELEMENTS // max(B, 1))
+    chunk_size = int(min(chunk_size, M))
+    cache = _prepare_screen(dictionary, chunk_size, cache)
+    q_b = q.to(torch.bfloat16)
+    const, w = _screen_bounds(q, q_b, D, cache["err"], cache["norm_b"])
+    rows = torch.arange(B, device=dev)
+    lower = torch.full((B,), float("-inf"), dtype=torch.float32, device=dev)  # <= best exact score
+    cand_r, cand_c, cand_v = [], [], []
+    has_mask = masked.shape[1] > 0
+    for start in range(0, M, chunk_size):
+        stop = min(start + chunk_size, M)
+        n = stop - start
+        g_b = cache["bf16"][start:stop] if cache["bf16"] is not None else dictionary[start:stop].to(torch.bfloat16)
+        sc = q_b @ g_b.T  # bf16 (B, n); all comparisons below stay in bf16
+        if use_abs:
+            sc.abs_()
+        if has_mask:
+            local = masked - start
+            inside = (local >= 0) & (local < n)
+            if bool(inside.any()):
+                sc[rows.unsqueeze(1).expand_as(local)[inside], local[inside]] = float("-inf")
+        top = sc.amax(dim=1).float()
+        lower = torch.maximum(lower, top - w * top.abs() - const)  # value - bound is monotone
+        # keep v if v + w|v| + const >= lower, i.e. v >= (lower - const) / (1 +- w)
+        t = lower - const
+        thr = torch.where(t >= 0, t / (1 + w), t / (1 - w))
+        # a bf16 threshold <= thr (pushed down by 2^-8 relative before rounding), so no
+        # candidate is lost; the exact fp32 test is applied after the loop
+        thr_b = (thr - thr.abs() * _BF16_U - 1e-30).to(torch.bfloat16)
+        r, c = (sc >= thr_b.unsqueeze(1)).nonzero(as_tuple=True)
+        cand_r.append(r)
+        cand_c.append(c + start)
+        cand_v.append(sc[r, c].float())
+    r, c, v = torch.cat(cand_r), torch.cat(cand_c), torch.cat(cand_v)
+    t = lower - const
+    thr = torch.where(t >= 0, t / (1 + w), t / (1 - w))
+    keep = v >= thr[r]
+    r, c = r[keep], c[keep]
+    fallback = torch.bincount(r, minlength=B) > SCREEN_MAX_CANDIDATES
+    any_fallback = bool(fallback.any())
+    if any_fallback:
+        ok_pair = ~fallback[r]
+        r, c = r[ok_pair], c[ok_pair]
+    raw = (q[r].to(torch.float64) * dictionary[c].to(torch.float64)).sum(dim=1)
+    val = raw.abs() if use_abs else raw
+    best = torch.full((B,), float("-inf"), dtype=torch.float64, device=dev).scatter_reduce(0, r, val, reduce="amax")
+    is_top = val == best[r]
+    best_idx = torch.full((B,), M, dtype=torch.int64, device=dev).scatter_reduce(
+        0, r[is_top], c[is_top], reduce="amin")
+    win = is_top & (c == best_idx[r])
+    best_raw = torch.zeros((B,), dtype=torch.float64, device=dev)
+    best_raw[r[win]] = raw[win]
+    best, best_raw = best.to(q.dtype), best_raw.to(q.dtype)
+    if any_fallback:
+        fb = fallback.nonzero().squeeze(1)
+        i2, v2, w2 = _select_torch(q[fb], dictionary, masked[fb], None, None, float("-inf"), use_abs, chunk_size)
+        best_idx[fb], best[fb], best_raw[fb] = i2, v2, w2
+    return best_idx, best, best_raw
+
+
 def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor | None = None, *,
                  q2: torch.Tensor | None = None, dictionary2: torch.Tensor | None = None,
                  mask_value: float = float("-inf"), use_abs: bool = False,
-                 chunk_size: int | None = None, backend: str | None = None
+                 chunk_size: int | None = None, backend: str | None = None,
+                 screen: bool | None = None, screen_cache: dict | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best atom per signal, streaming the dictionary (never a (B, M) matrix).
 
@@ -265,6 +436,15 @@ def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor
         use_abs: rank atoms by |score| instead of score.
         chunk_size: atoms per streamed chunk on the torch path (default: ~8M scores).
         backend: "torch" | "triton" | None (automatic, see `choose_backend`).
+        screen: torch path only: score in bf16 first, then rescore the few candidates
+            exactly (same result as the fp32 path up to fp32 rounding of near-ties; about
+            4x less matmul time on CPUs with AVX512-BF16/AMX). None: automatic (CPU with
+            native bf16, fp32 q, no q2, mask_value -inf, M >= SCREEN_MIN_ATOMS; the
+            environment variable FASTINTERP_PURSUIT_SCREEN=0/1 overrides); True: screen
+            whenever those conditions allow; False: never.
+        screen_cache: a dict reused across the steps of one pursuit (same dictionary):
+            holds the dictionary's bf16 rounding errors and, when small, its bf16 copy.
+            None: recomputed each call (one extra pass over the dictionary).
 
     Returns:
         (index (B,) int64, value (B,) the winning ranking value, raw (B,) the winning
@@ -298,6 +478,14 @@ def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor
     if choice == "triton":
         idx, val, raw = _select_triton(q, dictionary, masked, q2, dictionary2, mask_value, use_abs)
         return idx, val.to(q.dtype), raw.to(q.dtype)
+    applicable = (q2 is None and mask_value == float("-inf") and q.dtype == torch.float32
+                  and _bf16_screen_available(q.device))
+    if screen is None:
+        env = os.environ.get(SCREEN_ENV, "").strip()
+        screen = env == "1" if env in ("0", "1") else dictionary.shape[0] >= SCREEN_MIN_ATOMS
+    if screen and applicable:
+        return _select_torch_screened(q, dictionary, masked, use_abs, chunk_size,
+                                      {} if screen_cache is None else screen_cache)
     return _select_torch(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size)
 
 

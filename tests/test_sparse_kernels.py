@@ -293,3 +293,72 @@ print(next(ln for ln in out.splitlines() if "REG:" in ln))
     if line == "NO-CUOBJDUMP":
         pytest.skip("cuobjdump not shipped with this triton wheel")
     assert "STACK:0 " in line, line
+
+
+# ----------------------------------------------------------------------------- bf16 screening
+needs_screen = pytest.mark.skipif(not pursuit._bf16_screen_available(torch.device("cpu")),
+                                  reason="this CPU has no native bf16 (screening disabled)")
+
+
+@needs_screen
+@pytest.mark.parametrize("scale,kind", [(1.0, "randn"), (1e3, "randn"), (1e-3, "randn"), (1.0, "positive"),
+                                        (1.0, "sparse")])
+def test_screen_error_bound_holds(scale, kind):
+    g = torch.Generator().manual_seed(30)
+    d = 200
+    q = torch.randn(64, d, generator=g) * scale
+    atoms = torch.randn(3000, d, generator=g)
+    if kind == "positive":
+        q, atoms = q.abs(), atoms.abs()
+    if kind == "sparse":
+        q[:, 20:] = 0
+    atoms = F.normalize(atoms, dim=1)
+    q_b = q.to(torch.bfloat16)
+    cache = pursuit._prepare_screen(atoms, 1000, {})
+    const, w = pursuit._screen_bounds(q, q_b, d, cache["err"], cache["norm_b"])
+    approx = (q_b @ cache["bf16"].T).double()
+    exact = q.double() @ atoms.double().T
+    assert ((approx - exact).abs() <= const.double().unsqueeze(1) + w * approx.abs()).all()
+
+
+@needs_screen
+@pytest.mark.parametrize("use_abs", [False, True])
+@pytest.mark.parametrize("chunk", [None, 700])
+def test_screened_selection_matches_exact(use_abs, chunk):
+    g = _dictionary(5000, 64, 31)
+    q = torch.randn(200, 64, generator=torch.Generator().manual_seed(32))
+    q[0] = 0  # all scores tie at 0: too many candidates -> exact fallback, lowest index
+    q[1] = g[17]  # exact hit
+    masked = torch.randint(-1, 5000, (200, 5), generator=torch.Generator().manual_seed(33))
+    masked[1, 0] = -1
+    a = pursuit.select_atoms(q, g, masked, use_abs=use_abs, chunk_size=chunk, screen=True, backend="torch")
+    b = pursuit.select_atoms(q, g, masked, use_abs=use_abs, chunk_size=chunk, screen=False, backend="torch")
+    assert torch.equal(a[0], b[0])
+    assert torch.allclose(a[1], b[1], atol=1e-5) and torch.allclose(a[2], b[2], atol=1e-5)
+    assert int(a[0][1]) == 17
+
+
+@needs_screen
+def test_screened_ties_go_to_the_lowest_index():
+    g = _dictionary(4096, 32, 34)
+    g[1000] = g[10]
+    g[3000] = g[10]
+    q = g[10:11].repeat(3, 1) * 2.0
+    masked = torch.tensor([[-1], [10], [1000]])
+    idx, _, _ = pursuit.select_atoms(q, g, masked, screen=True, backend="torch", chunk_size=512)
+    assert idx.tolist() == [10, 1000, 10]
+
+
+@needs_screen
+def test_screened_comp_matches_reference_2048_signals(monkeypatch):
+    g = _dictionary(3000, 48, 35)
+    x = F.normalize(torch.randn(2048, 48, generator=torch.Generator().manual_seed(36)), dim=-1)
+    ours = sparse.coherent_orthogonal_matching_pursuit(x, g, max_sparsity=5, coh=0.3)  # screened (M >= 2048)
+    theirs = ref.coherent_orthogonal_matching_pursuit(x, g, max_sparsity=5, coh=0.3)
+    same = ((ours != 0) == (theirs != 0)).all(dim=1)
+    assert same.float().mean() >= 0.999
+    assert (ours - theirs)[same].abs().max() < 1e-4
+    screened = sparse.comp_topk(x, g, k=5, coh=0.3)
+    monkeypatch.setenv(pursuit.SCREEN_ENV, "0")
+    exact = sparse.comp_topk(x, g, k=5, coh=0.3)
+    assert (screened[1] == exact[1]).all(dim=1).float().mean() >= 0.999
