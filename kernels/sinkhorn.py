@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -67,6 +68,14 @@ def _bits_as_float(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.DoubleType())
     return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address):
+    """An int64 memory address as a float64 pointer (for numba.carray)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float64)))
+    return types.CPointer(types.float64)(types.int64), codegen
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FLAGS, inline="always")
@@ -102,16 +111,14 @@ def _exp_fast(x):
 @njit(cache=True, error_model="numpy", fastmath=_FLAGS)
 def _exp_of_cost(M, moff, n, m, ld, reg, K):
     """K[i * m + j] = exp(M_ij / (-reg)), exactly libm's value where it under/overflows."""
-    lo = np.inf
-    hi = -np.inf
+    n_out = 0  # an integer count keeps the loop vectorised (a float min/max would not)
     for i in range(n):
         base = moff + i * ld
         for j in range(m):
             t = M[base + j] / (-reg)
-            lo = min(lo, t)
-            hi = max(hi, t)
+            n_out += (t < -708.0) | (t > 709.0)
             K[i * m + j] = _exp_fast(t)
-    if lo < -708.0 or hi > 709.0:  # rare fix-ups: exact subnormals, zeros and infinities
+    if n_out:  # rare fix-ups: exact subnormals, zeros and infinities
         for i in range(n):
             base = moff + i * ld
             for j in range(m):
@@ -123,16 +130,16 @@ def _exp_of_cost(M, moff, n, m, ld, reg, K):
 @njit(cache=True, error_model="numpy", fastmath=_FLAGS)
 def _check_cost(M, moff, n, m, ld, check_negative):
     probe = 0.0  # x * 0.0 is 0 for finite x, NaN for NaN/inf: branch-free, vectorised
-    lowest = np.inf
+    n_negative = 0
     for i in range(n):
         base = moff + i * ld
         for j in range(m):
             x = M[base + j]
             probe += x * 0.0
-            lowest = min(lowest, x)
+            n_negative += x < 0.0
     if probe != 0.0:
         return BAD_COST_NONFINITE
-    if check_negative and lowest < 0.0:
+    if check_negative and n_negative:
         return BAD_COST_NEGATIVE
     return CONVERGED
 
@@ -353,25 +360,29 @@ def _solve_one(method, M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, 
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _solve_many(method, M, moff, ld, nrows, ncols, a, aoff, b, boff, reg, u, v, numItermax,
-                stopThr, out, check_negative, warm, niter, status, err):
-    """Problem p: cost rows M[moff[p] + i * ld[p] : ... + ncols[p]], i < nrows[p]; marginals
-    a[aoff[p]: + nrows[p]], b[boff[p]: + ncols[p]]; scalings/potentials u, v at the same
-    offsets as a, b (used as start points when warm); plan into out at M's layout."""
+def _solve_many(method, m_addr, out_addr, ld, nrows, ncols, a, aoff, b, boff, reg, u, v,
+                numItermax, stopThr, check_negative, niter, status, err):
+    """All problems, one prange. Problem p's cost rows start at address m_addr[p] (float64,
+    row stride ld[p], n_p rows of m_p values), its plan goes to out_addr[p] (same layout):
+    separate arrays of a list, or blocks of one padded array. The caller keeps the memory
+    alive. Marginals a[aoff[p]: + n_p], b[boff[p]: + m_p]; u, v (same offsets) receive the
+    final scalings (log-potentials for "sinkhorn_log")."""
     no_errs = np.empty(0)
-    for p in prange(moff.shape[0]):
+    for p in prange(m_addr.shape[0]):
         n = nrows[p]
         m = ncols[p]
+        span = (n - 1) * ld[p] + m
+        Mp = numba.carray(_address_as_pointer(m_addr[p]), span)
+        outp = numba.carray(_address_as_pointer(out_addr[p]), span)
         up = u[aoff[p]:aoff[p] + n]
         vp = v[boff[p]:boff[p] + m]
-        if not warm:
-            for i in range(n):
-                up[i] = 0.0 if method == 1 else 1.0 / n
-            for j in range(m):
-                vp[j] = 0.0 if method == 1 else 1.0 / m
-        it, st, e = _solve_one(method, M, moff[p], n, m, ld[p], a[aoff[p]:aoff[p] + n],
+        for i in range(n):
+            up[i] = 0.0 if method == 1 else 1.0 / n
+        for j in range(m):
+            vp[j] = 0.0 if method == 1 else 1.0 / m
+        it, st, e = _solve_one(method, Mp, 0, n, m, ld[p], a[aoff[p]:aoff[p] + n],
                                b[boff[p]:boff[p] + m], reg[p], up, vp, numItermax, stopThr,
-                               no_errs, out, check_negative)
+                               no_errs, outp, check_negative)
         niter[p] = it
         status[p] = st
         err[p] = e
@@ -594,7 +605,7 @@ def _ragged(x, name: str, count: int):
 
 def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str = "sinkhorn",
                      shapes=None, log: bool = False, warn: bool = True,
-                     allow_negative_cost: bool = False, backend: str | None = None):
+                     allow_negative_cost: bool = False, out=None, backend: str | None = None):
     """Many independent Sinkhorn problems in one parallel Numba call (``prange`` over problems).
 
     Args:
@@ -605,6 +616,9 @@ def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str
         reg: one float, or (B,) per-problem values.
         numItermax, stopThr, method, allow_negative_cost: as in ``sinkhorn``.
         shapes: (B, 2) ints, the valid (n_b, m_b) of each padded problem (padded M only).
+        out: padded M only: a C-contiguous float64 numpy array of M's shape to write the
+            plans into (returned), instead of allocating B * n * m new values per call; in a
+            sweep this skips the allocation and first-touch cost of a large fresh buffer.
         log: also return {"niter": (B,), "status": (B,) 0 converged / 1 iteration limit /
             2 numerical error, "err": (B,) last measured marginal error}.
 
@@ -651,14 +665,10 @@ def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str
                 raise TypeError(f"M[{p}] must be numeric, got dtype {x.dtype}")
         nrows = np.fromiter((x.shape[0] for x in mats), dtype=np.int64, count=B)
         ncols = np.fromiter((x.shape[1] for x in mats), dtype=np.int64, count=B)
-        sizes = nrows * ncols
-        moff = np.zeros(B, dtype=np.int64)
-        if B:
-            np.cumsum(sizes[:-1], out=moff[1:])
-        Mf = (np.concatenate([x.reshape(-1) for x in mats]).astype(np.float64, copy=False)
-              if B else np.zeros(0))
-        ld = ncols.copy()
         out_dtype = _float_dtype(*mats) if B else np.dtype(np.float64)
+        # each problem stays in its own (float64, C-contiguous) array and gets its own plan
+        # array: no gather into one big buffer
+        mats = [np.ascontiguousarray(x, dtype=np.float64) for x in mats]
     if B == 0:
         return ([] if not padded else np.zeros((0,) + tuple(M3.shape[1:]), dtype=out_dtype)) if not log \
             else ([], {"niter": np.zeros(0, np.int64), "status": np.zeros(0, np.int64), "err": np.zeros(0)})
@@ -686,24 +696,48 @@ def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str
 
     u = np.empty(flat_a.shape[0])
     v = np.empty(flat_b.shape[0])
-    # every entry of a problem's own block is written; only padding needs zeros
-    out = np.zeros(Mf.shape[0]) if padded and shapes is not None else np.empty(Mf.shape[0])
     niter = np.zeros(B, dtype=np.int64)
     status = np.zeros(B, dtype=np.int64)
     err = np.zeros(B)
-    _solve_many(code, Mf, moff, ld, nrows, ncols, flat_a, aoff, flat_b, boff, regs, u, v,
-                numItermax, stopThr, out, code != 2 and not allow_negative_cost, False,
-                niter, status, err)
+    check_negative = code != 2 and not allow_negative_cost
+    if padded:
+        if out is not None:
+            if not (isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == M3.shape
+                    and out.flags.c_contiguous and out.flags.writeable):
+                raise ValueError(f"out must be a writeable C-contiguous float64 numpy array of shape "
+                                 f"{M3.shape}")
+            if shapes is not None:
+                out.fill(0.0)
+            out_buffer = out
+            out = out.reshape(-1)
+        else:
+            # every entry of a problem's own block is written; only padding needs zeros
+            out = np.zeros(Mf.shape[0]) if shapes is not None else np.empty(Mf.shape[0])
+            out_buffer = None
+        m_addr = Mf.__array_interface__["data"][0] + 8 * moff
+        o_addr = out.__array_interface__["data"][0] + 8 * moff
+        _solve_many(code, m_addr, o_addr, ld, nrows, ncols, flat_a, aoff, flat_b, boff, regs, u, v,
+                    numItermax, stopThr, check_negative, niter, status, err)
+    else:
+        if out is not None:
+            raise ValueError("out= is for a padded (B, n, m) M; a list of problems gets a list of plans")
+        outs = [np.empty(x.shape) for x in mats]
+        m_addr = np.fromiter((x.__array_interface__["data"][0] for x in mats), dtype=np.int64, count=B)
+        o_addr = np.fromiter((x.__array_interface__["data"][0] for x in outs), dtype=np.int64, count=B)
+        _solve_many(code, m_addr, o_addr, ncols, nrows, ncols, flat_a, aoff, flat_b, boff, regs, u, v,
+                    numItermax, stopThr, check_negative, niter, status, err)
     _raise_bad_cost(status, "[p]")
     if warn and code != 2:
         _warn_status(status, niter, err, numItermax, stopThr, True)
 
     if padded:
-        plans = out.reshape(M3.shape).astype(out_dtype, copy=False)
-        result = torch.from_numpy(plans) if torch_in else plans
+        if out_buffer is not None:
+            result = out_buffer
+        else:
+            plans = out.reshape(M3.shape).astype(out_dtype, copy=False)
+            result = torch.from_numpy(plans) if torch_in else plans
     else:
-        flat = out.astype(out_dtype, copy=False)
-        result = [flat[moff[p]:moff[p] + sizes[p]].reshape(nrows[p], ncols[p]) for p in range(B)]
+        result = outs if out_dtype == np.float64 else [x.astype(out_dtype) for x in outs]
         if torch_in:
             result = [torch.from_numpy(x) for x in result]
     if log:

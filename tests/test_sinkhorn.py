@@ -145,6 +145,13 @@ def test_batched_padded_with_shapes_and_torch():
         np.testing.assert_allclose(out[p, :r, :c].numpy(), pot(a2[p, :r], b2[p, :c], M3[p, :r, :c], 0.2), atol=1e-12)
         assert float(out[p].sum()) == pytest.approx(1.0) and float(out[p, r:, :].abs().sum()) == 0.0
     full = sk.sinkhorn_batched(None, None, M3, 0.2)
+    buf = np.full(M3.shape, np.nan)
+    assert sk.sinkhorn_batched(None, None, M3, 0.2, out=buf) is buf
+    np.testing.assert_array_equal(buf, full)
+    sk.sinkhorn_batched(a2, b2, M3, 0.2, shapes=shapes, out=buf)
+    np.testing.assert_array_equal(buf, out.numpy())
+    with pytest.raises(ValueError, match="out must be"):
+        sk.sinkhorn_batched(None, None, M3, 0.2, out=np.zeros((B, n, m), dtype=np.float32))
     np.testing.assert_array_equal(full[3], sk.sinkhorn([], [], M3[3], 0.2))
     assert sk.sinkhorn_batched(None, None, [], 0.2) == []
 
