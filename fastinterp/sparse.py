@@ -29,6 +29,7 @@ off). The NNLS is `kernels/nnls.py`.
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
 
@@ -52,7 +53,7 @@ METHODS = ("comp-<coh>", "omp", "nnomp", "mp", "topk")
 
 _SELECTIONS = ("signed", "abs")
 _UNIT_TOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-_validated: dict[tuple, bool] = {}  # dictionaries already checked (keyed by storage and version)
+_validated: dict[tuple, tuple] = {}  # dictionaries already checked: (tag, id) -> (weakref, key)
 
 
 # --------------------------------------------------------------------------------------
@@ -60,6 +61,20 @@ _validated: dict[tuple, bool] = {}  # dictionaries already checked (keyed by sto
 # --------------------------------------------------------------------------------------
 def _dictionary_key(g: torch.Tensor) -> tuple:
     return (g.data_ptr(), tuple(g.shape), tuple(g.stride()), g.dtype, str(g.device), g._version)
+
+
+def _already_checked(tag: str, g: torch.Tensor) -> bool:
+    """True if this very tensor object, unmodified since (same version counter, storage,
+    shape), passed the checks before. A weak reference guards against a new tensor
+    reusing a freed one's address."""
+    entry = _validated.get((tag, id(g)))
+    return entry is not None and entry[0]() is g and entry[1] == _dictionary_key(g)
+
+
+def _mark_checked(tag: str, g: torch.Tensor) -> None:
+    if len(_validated) > 64:
+        _validated.clear()
+    _validated[(tag, id(g))] = (weakref.ref(g), _dictionary_key(g))
 
 
 def _row_norms(g: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -81,8 +96,7 @@ def _check_dictionary(dictionary: torch.Tensor, normalize: bool) -> torch.Tensor
                          f"of positive dimension")
     if dictionary.dtype not in _UNIT_TOL:
         raise TypeError(f"dictionary must be float64/float32/float16/bfloat16, got {dictionary.dtype}")
-    key = _dictionary_key(dictionary)
-    if not normalize and key in _validated:
+    if not normalize and _already_checked("dict", dictionary):
         return dictionary
     norms = _row_norms(dictionary)
     bad = ~torch.isfinite(norms)
@@ -100,9 +114,7 @@ def _check_dictionary(dictionary: torch.Tensor, normalize: bool) -> torch.Tensor
         i = int(err.argmax())
         raise ValueError(f"dictionary rows must have unit L2 norm (atom {i} has norm {float(norms[i]):.6g}); "
                          f"normalise them (F.normalize(dictionary, dim=-1)) or pass normalize=True")
-    if len(_validated) > 64:
-        _validated.clear()
-    _validated[key] = True
+    _mark_checked("dict", dictionary)
     return dictionary
 
 
@@ -162,11 +174,10 @@ def _check_coh(coh, coh_dictionary, dictionary, x):
         raise ValueError(f"coh_dictionary is on {coh_dictionary.device} but x is on {x.device}")
     if not coh_dictionary.is_floating_point():
         raise TypeError(f"coh_dictionary must be floating point, got {coh_dictionary.dtype}")
-    key = ("coh",) + _dictionary_key(coh_dictionary)
-    if key not in _validated:
+    if not _already_checked("coh", coh_dictionary):
         if not bool(torch.isfinite(_row_norms(coh_dictionary)).all()):
             raise ValueError("coh_dictionary has NaN or Inf entries")
-        _validated[key] = True
+        _mark_checked("coh", coh_dictionary)
     return coh_dictionary
 
 

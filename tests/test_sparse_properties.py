@@ -198,3 +198,17 @@ def test_shape_dtype_device_and_argument_errors():
     meta = torch.empty(5, 8, device="meta")
     with pytest.raises((ValueError, NotImplementedError, RuntimeError)):
         sparse.comp_topk(meta, g, k=2)
+
+
+def test_validation_cache_never_trusts_a_different_tensor():
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    for _ in range(5):  # freed dictionaries: a later tensor may reuse their address
+        g = _unit(20, 8)
+        sparse.comp_topk(x, g, k=2)
+        del g
+    with pytest.raises(ValueError, match="unit L2 norm"):
+        sparse.comp_topk(x, _unit(20, 8) * 2.0, k=2)
+    view = _unit(20, 8)
+    sparse.comp_topk(x, view, k=2)
+    with pytest.raises(ValueError, match="unit L2 norm"):
+        sparse.comp_topk(x, view * 1.5, k=2)
