@@ -37,6 +37,7 @@ __all__ = [
     "write_results",
     "run_ccs",
     "read_descriptions",
+    "read_labels",
     "register_cli",
     "demo_section",
 ]
@@ -187,16 +188,33 @@ def label_heads(records: Sequence[dict], labeller, *, output=None, heads=None, p
     path = Path(output) / "labels.json" if output is not None else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    labels = _read_json(path, {}) if path is not None else {}
-    todo = [r for r in records if _key(r["layer"], r["head"]) not in labels]
+    saved = _read_json(path, {}) if path is not None else {}
+    # a saved label is reused only for the same descriptions (a new TextSpan run relabels)
+    saved = {k: v for k, v in saved.items() if isinstance(v, dict) and isinstance(v.get("label"), str)}
+    current = {_key(r["layer"], r["head"]): list(r["descriptions"]) for r in records}
+    todo = [r for r in records if saved.get(_key(r["layer"], r["head"]), {}).get("descriptions")
+            != current[_key(r["layer"], r["head"])]]
     for r in tqdm(todo, disable=not progress, desc="labelling heads", unit="head"):
+        key = _key(r["layer"], r["head"])
         try:
-            labels[_key(r["layer"], r["head"])] = labeller.label(r["descriptions"])
+            label = labeller.label(r["descriptions"])
         except Exception as err:
-            raise CCSError(_failure("labelling", r, err, len(labels), path)) from err
+            raise CCSError(_failure("labelling", r, err, len(saved), path)) from err
+        saved[key] = {"label": label, "descriptions": current[key]}
         if path is not None:
-            _write_json_atomic(labels, path)
-    return {_key(r["layer"], r["head"]): labels[_key(r["layer"], r["head"])] for r in records}
+            _write_json_atomic(saved, path)
+    return {k: saved[k]["label"] for k in current}
+
+
+def read_labels(path) -> dict:
+    """{"L11.H3": label} from a labels.json written by `label_heads` (or its folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "labels.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; run `fastinterp ccs label` first")
+    data = _read_json(path, {})
+    return {k: v["label"] if isinstance(v, dict) else v for k, v in data.items()}
 
 
 def _failure(step, r, err, n_done, path) -> str:
@@ -399,10 +417,7 @@ def cmd_label(args) -> int:
 
 def cmd_score(args) -> int:
     records = read_descriptions(args.output)
-    path = Path(args.output) / "labels.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; run `fastinterp ccs label --output {args.output}` first")
-    labels = _read_json(path, {})
+    labels = read_labels(args.output)
     labeller = _labeller_from_args(args)
     scores = score_heads(records, labels, labeller, output=args.output, heads=args.heads, progress=not args.quiet)
     summary = write_results(scores, args.output, meta={"labeller": repr(labeller)})
@@ -466,7 +481,10 @@ def demo_section(ctx) -> str:
     from .llm import ClipLabeller
     from .textspan import builtin_text_bank
 
+    import shutil
+
     out = ctx.output / "ccs"
+    shutil.rmtree(out, ignore_errors=True)  # the demo always starts fresh (other seed / model)
     views = _views(ctx.images)
     n_layers = ctx.info.layers
     layers = list(range(max(0, n_layers - 2), n_layers))

@@ -230,9 +230,13 @@ class Contributions:
 
 
 def _meta_for(model, layers, batch_size, n_layers) -> dict:
+    from .models import weights_hash
+
+    visual = vision_transformer(model)
     return {"format": FORMAT_VERSION, "model": getattr(model, "fastinterp_name", type(model).__name__),
-            "weights": str(getattr(model, "fastinterp_weights", "unknown")), "layers": list(layers),
-            "n_layers": n_layers, "batch_size": batch_size}
+            "weights": str(getattr(model, "fastinterp_weights", "unknown")),
+            "weights_sha256": weights_hash(visual)[:16],  # random weights differ per seed
+            "layers": list(layers), "n_layers": n_layers, "batch_size": batch_size}
 
 
 def _batch_path(folder: Path, i: int) -> Path:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastinterp.ccs import (CCSError, HeadScore, bucket, describe_heads, label_heads, read_descriptions, run_ccs,
-                            score_heads, summarize, write_results)
+from fastinterp.ccs import (CCSError, HeadScore, bucket, describe_heads, label_heads, read_descriptions, read_labels,
+                            run_ccs, score_heads, summarize, write_results)
 from fastinterp.cli import main
 from fastinterp.llm import LLMError, LLMLabeller
 from fastinterp.pruning import read_ccs_table
@@ -80,10 +80,16 @@ def test_llm_failure_keeps_finished_heads_and_resumes(tmp_path):
     ccs = {"text 0": 5, "text 1": 3, "text 2": 0, "text 3": 1}
     with pytest.raises(CCSError, match=r"labelling layer 11 head 0 failed: LLMError: endpoint timed out.*2 finished"):
         label_heads(recs, _Rule(ccs, fail_on=("label", "text 2")), output=tmp_path, progress=False)
-    assert json.loads((tmp_path / "labels.json").read_text()) == {"L10.H0": "lab text 0", "L10.H1": "lab text 1"}
+    assert read_labels(tmp_path) == {"L10.H0": "lab text 0", "L10.H1": "lab text 1"}
     rule = _Rule(ccs)
     labels = label_heads(recs, rule, output=tmp_path, progress=False)
     assert rule.calls == 2 and len(labels) == 4  # only the two unfinished heads were asked
+    changed = [dict(r) for r in recs]
+    changed[0]["descriptions"] = changed[0]["descriptions"][::-1]  # a new TextSpan run: relabel that head
+    rule = _Rule(ccs)
+    label_heads(changed, rule, output=tmp_path, progress=False)
+    assert rule.calls == 1
+    label_heads(recs, _Rule(ccs), output=tmp_path, progress=False)
     with pytest.raises(CCSError, match="judging layer 11 head 1 failed"):
         score_heads(recs, labels, _Rule(ccs, fail_on=("judge", "text 3")), output=tmp_path, progress=False)
     rule = _Rule(ccs)
@@ -159,8 +165,8 @@ def test_cli_end_to_end(image_folder, tmp_path, capsys):
     assert [(r["layer"], r["head"]) for r in recs] == [(l, h) for l in (2, 3) for h in range(4)]
     assert "Layer 3, Head 2" in (out / "descriptions.txt").read_text()
     assert main(["ccs", "label", "--labeller", "clip", "--output", str(out), "--quiet"]) == 0
-    labels = json.loads((out / "labels.json").read_text())
-    assert len(labels) == 8
+    labels = read_labels(out)
+    assert len(labels) == 8 and all(isinstance(v, str) and v for v in labels.values())
     assert main(["ccs", "score", "--labeller", "clip", "--output", str(out), "--threshold", "-1", "--quiet"]) == 0
     rows = list(csv.DictReader((out / "ccs.csv").open(encoding="utf-8")))
     assert len(rows) == 8 and all(r["ccs"] == "5" and r["bucket"] == "high" for r in rows)  # threshold -1: all consistent

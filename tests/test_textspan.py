@@ -66,6 +66,12 @@ def test_resumable_batches(tiny_clip, pixels, tmp_path):
     assert torch.equal(loaded.heads, again.heads)
     with pytest.raises(ValueError, match="another run"):
         head_contributions(model, pixels, layers=[0], batch_size=2, output=tmp_path, progress=False)
+    torch.manual_seed(123)  # same name, other random weights: never reuse the stored batches
+    other = fastinterp.load_clip(fastinterp.TINY_MODEL)[0]
+    with pytest.raises(ValueError, match="another run"):
+        head_contributions(other, pixels, batch_size=2, output=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another run"):
+        head_contributions(model, pixels[:4], batch_size=2, output=tmp_path, progress=False)
 
 
 def test_pil_input_and_loader(tiny_clip):
