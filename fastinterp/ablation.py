@@ -38,6 +38,9 @@ __all__ = [
 
 MODES = ("zero", "mean")
 
+ACTIVATION_BUDGET_BYTES = 2 << 30
+"""Default memory budget for the expanded (configurations x images) activations."""
+
 
 # --------------------------------------------------------------------------------------
 # validation helpers
@@ -292,7 +295,8 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
         means: (layers, tokens, heads, head_dim) from `head_output_means` (mode="mean").
         backend: kernel backend for the masked projection ("torch" or "triton"; default by device).
         config_chunk: run at most this many diverged configurations at once (memory bound:
-            the masked layers hold config_chunk x B copies of the activations). Default: all.
+            the masked layers hold config_chunk x B copies of the activations). Default:
+            as many as keep those activations near `ACTIVATION_BUDGET_BYTES` (2 GiB).
 
     Returns:
         (C, B, d) unnormalised image embeddings (what `model.encode_image(normalize=False)`
@@ -329,7 +333,11 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
     cls_last = _cls_pooled(visual)  # the last block only matters for the class token
     for layer in range(l0):
         x = _plain_block(blocks[layer], x, cls_last and layer == L - 1)
-    chunk = config_chunk or C
+    if config_chunk is None:
+        # residual + MLP hidden (4x) + attention temporaries, in the model's dtype
+        per_config = B * n_tokens * info.width * torch.empty((), dtype=dtype).element_size() * 8
+        config_chunk = max(1, ACTIVATION_BUDGET_BYTES // per_config)
+    chunk = config_chunk
 
     for layer in range(l0, L):
         block = blocks[layer]

@@ -179,10 +179,16 @@ def test_single_head_fast_path_equals_full_reruns(model, images):
                                ref.pruned_encode(model, images, []), atol=1e-5, rtol=1e-5)
 
 
-def test_config_chunks_give_the_same_answer(model, images):
+def test_config_chunks_give_the_same_answer(model, images, monkeypatch):
+    import fastinterp.ablation as ablation
+
     masks = head_set_masks(model, _random_head_sets(7, 5))
-    torch.testing.assert_close(masked_forward(model, images, masks, config_chunk=2),
-                               masked_forward(model, images, masks), atol=1e-6, rtol=1e-6)
+    full = masked_forward(model, images, masks)
+    torch.testing.assert_close(masked_forward(model, images, masks, config_chunk=2), full, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(ablation, "ACTIVATION_BUDGET_BYTES", 1)  # automatic chunking down to 1
+    torch.testing.assert_close(masked_forward(model, images, masks), full, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="config_chunk"):
+        masked_forward(model, images, masks, config_chunk=0)
 
 
 def test_parse_head():
