@@ -10,6 +10,7 @@ from .models import TINY_MODEL
 
 METHOD_COMMANDS: tuple[str, ...] = (
     # modules with `register_cli(subparsers)`, each adding one sub-command group
+    "fastinterp.sith",
     "fastinterp.mutual",
     "fastinterp.ccs",
 )

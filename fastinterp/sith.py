@@ -170,7 +170,8 @@ def _factors(block, fold_ln: bool, center: bool) -> _Factors:
     )
 
 
-def vo_matrices(model, layer: int, *, fold_ln: bool = True, center: bool | None = None) -> torch.Tensor:
+def vo_matrices(model, layer: int, *, fold_ln: bool = True, center: bool | None = None,
+                return_bias: bool = False):
     """Per-head VO matrices of a ViT block, right-multiplication form (SPEC 1.1).
 
     A token row x (the LN-normalised residual when fold_ln, else ln_1's output) contributes
@@ -185,12 +186,15 @@ def vo_matrices(model, layer: int, *, fold_ln: bool = True, center: bool | None 
             (default: equal to fold_ln, as the reference).
 
     Returns:
-        (H, D, D) float32 tensor on the model's device.
+        (H, D, D) tensor in the weights' dtype on the model's device; with return_bias, also
+        the (D,) constant the attention adds to every token: b_o + W_o b_v (the value bias
+        pushed through W_o, exact because attention rows sum to 1).
     """
     _, block, _ = _block(model, layer)
     f = _factors(block, fold_ln, _resolve_center(fold_ln, center))
-    w = f.w_v.transpose(1, 2) @ f.w_o.transpose(1, 2)  # (H, D_in, D_out)
-    return w.to(block.attn.in_proj_weight.dtype)
+    dtype = block.attn.in_proj_weight.dtype
+    w = (f.w_v.transpose(1, 2) @ f.w_o.transpose(1, 2)).to(dtype)  # (H, D_in, D_out)
+    return (w, f.bias.to(dtype)) if return_bias else w
 
 
 def _fix_signs(u: torch.Tensor, vh: torch.Tensor):
@@ -423,14 +427,19 @@ def _atomic_save(obj, path: Path) -> None:
         raise
 
 
-def _tensor_hash(t: torch.Tensor, max_elements: int = 1 << 26) -> str:
-    t = t.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+def _tensor_hash(t: torch.Tensor, max_elements: int = 1 << 24) -> str:
+    """Fingerprint of a 2-D tensor: all bytes when small; for very large dictionaries a
+    strided sample of rows plus the float64 column sums (computed in chunks, no full copy)."""
+    t = t.detach()
     h = hashlib.sha256(f"{tuple(t.shape)}".encode())
-    if t.numel() > max_elements:  # very large dictionaries: a strided sample plus the sum
+    if t.numel() > max_elements:
         step = t.numel() // max_elements + 1
-        h.update(f"{float(t.double().sum()):.12e}".encode())
-        t = t[::step].contiguous()
-    h.update(t.numpy().tobytes())
+        col = torch.zeros(t.shape[1], dtype=torch.float64, device=t.device)
+        for s0 in range(0, t.shape[0], 1 << 14):
+            col += t[s0:s0 + (1 << 14)].to(torch.float64).sum(0)
+        h.update(col.cpu().numpy().tobytes())
+        t = t[::step]
+    h.update(t.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

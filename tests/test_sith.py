@@ -50,10 +50,11 @@ def _blocks(m):
 @pytest.mark.parametrize("fold_ln", [True, False])
 def test_vo_matrices_match_reference(model, fold_ln):
     for layer in range(4):
-        ours = sith.vo_matrices(model, layer, fold_ln=fold_ln)
-        theirs, _ = ref.vo_matrices(_blocks(model)[layer], fold_ln=fold_ln)
-        assert ours.shape == (4, 64, 64)
+        ours, bias = sith.vo_matrices(model, layer, fold_ln=fold_ln, return_bias=True)
+        theirs, ref_bias = ref.vo_matrices(_blocks(model)[layer], fold_ln=fold_ln)
+        assert ours.shape == (4, 64, 64) and bias.shape == (64,)
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(bias, ref_bias, atol=1e-6, rtol=1e-5)
 
 
 def test_vo_is_the_heads_actual_contribution(model):
@@ -65,6 +66,7 @@ def test_vo_is_the_heads_actual_contribution(model):
         out, probs = blk.attn(x_ln, x_ln, x_ln, need_weights=True, average_attn_weights=False)  # probs (B,H,N,N)
         w = sith.vo_matrices(model, 1, fold_ln=False)
         const = blk.attn.out_proj.bias + blk.attn.out_proj.weight @ blk.attn.in_proj_bias[128:]
+        torch.testing.assert_close(sith.vo_matrices(model, 1, fold_ln=False, return_bias=True)[1], const)
         mine = sum(probs[:, h] @ (x_ln @ w[h]) for h in range(4)) + const
         torch.testing.assert_close(mine, out, atol=2e-5, rtol=1e-4)
         # folded + centered: reads the normalised residual; equal up to a multiple of ones per token
@@ -604,3 +606,14 @@ def test_explanations_text_and_figure(model, concepts, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="concept texts"):
         sith.explanation_rows(res, d.texts[:3])
+
+
+def test_tensor_hash_small_and_sampled():
+    t = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
+    for max_el in (1 << 24, 100):
+        h = sith._tensor_hash(t, max_elements=max_el)
+        assert h == sith._tensor_hash(t.clone(), max_elements=max_el)
+        u = t.clone()
+        u[1, 3] += 1e-3  # row 1 is not in the sample when sampling: the column sums catch it
+        assert sith._tensor_hash(u, max_elements=max_el) != h
+    assert sith._tensor_hash(t[:, :4]) != sith._tensor_hash(t[:, :4].reshape(600, 2))
