@@ -23,6 +23,7 @@ from .models import TINY_MODEL, ViTInfo, load_clip, vit_info
 SECTIONS: tuple[str, ...] = (
     # "module:function" entries, each `fn(ctx: DemoContext) -> str` (a Markdown section);
     # the method modules add theirs here.
+    "fastinterp.sith:demo_section",
     "fastinterp.mutual:demo_section",
     "fastinterp.ccs:demo_section",
 )
