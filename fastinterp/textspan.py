@@ -9,8 +9,9 @@ of the final LayerNorm with the real per-image mean and std (SPEC 2.1):
     w_k = 1/(2L+1) for the embedding/MLP terms, 1/((2L+1) H) per head (summed over tokens)
 
 so that `sum_k r_k == z / ||z||`. Only the CLS query row of each attention map is
-computed (a (B, H, N) softmax and a (B, N, H, hd) value tensor), never the
-(B, N, N, H, D) tensor of the reference hook.
+used: each head's attention output for the CLS query (B, H, hd), taken from the one
+attention pass the forward needs anyway, goes through that head's slice of W_o. Nothing
+of size (B, N, N, H, D), as the reference hook builds, is formed.
 
 TextSpan (`textspan`): for every head at once, the greedy choice of the text whose
 projection has the largest spread over the images, inside the rank-r principal subspace
@@ -93,38 +94,27 @@ def check_heads(heads, layers: int, n_heads: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------
 # one batch
 # --------------------------------------------------------------------------------------
-def _attention_full(block, h):
-    """The block's attention output for all tokens, (B, N, D) batch-first in and out."""
-    attn = block.attn
-    if getattr(attn, "batch_first", False):
-        return attn(h, h, h, need_weights=False)[0]
-    t = h.transpose(0, 1)
-    return attn(t, t, t, need_weights=False)[0].transpose(0, 1)
+def _attention_with_heads(block, h):
+    """One attention pass of a block that also yields each head's CLS contribution.
 
-
-def _cls_head_terms(block, h):
-    """Per-head residual contributions to the CLS token, summed over source tokens.
-
-    h: (B, N, D) ln_1 output. Returns (B, H, D): sum_m attn[cls, m, h] v[m, h] @ W_o[:, h]
-    + out_proj.bias / H, through the block's LayerScale.
+    h: (B, N, D) ln_1 output. Returns (attn_out (B, N, D) through LayerScale, heads
+    (B, H, D)): heads[:, i] = o[cls, i] @ W_o[:, i].T + out_proj.bias / H (through the
+    LayerScale), where o[cls, i] = sum_m attn[cls, m, i] v[m, i] is head i's attention
+    output for the CLS query, i.e. the head's term summed over source tokens.
     """
     attn = block.attn
     B, N, D = h.shape
     H = attn.num_heads
     hd = D // H
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    wq, wk, wv = w.split(D)
-    bq, bk, bv = (None, None, None) if b is None else b.split(D)
-    q = F.linear(h[:, 0], wq, bq).view(B, H, hd)
-    k = F.linear(h, wk, bk).view(B, N, H, hd)
-    v = F.linear(h, wv, bv).view(B, N, H, hd)
-    a = torch.softmax(torch.einsum("bhe,bnhe->bhn", q, k) * hd ** -0.5, dim=-1)
-    o = torch.einsum("bhn,bnhe->bhe", a, v)  # (B, H, hd)
-    wo = attn.out_proj.weight.view(D, H, hd)
-    terms = torch.einsum("bhe,dhe->bhd", o, wo)
-    if attn.out_proj.bias is not None:
-        terms = terms + attn.out_proj.bias / H
-    return block.ls_1(terms)
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd) each
+    o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    wo, bo = attn.out_proj.weight, attn.out_proj.bias
+    out = F.linear(o.transpose(1, 2).reshape(B, N, D), wo, bo)
+    heads = torch.einsum("bhe,dhe->bhd", o[:, :, 0], wo.view(D, H, hd))  # per-head CLS row
+    if bo is not None:
+        heads = heads + bo / H
+    return block.ls_1(out), block.ls_1(heads)
 
 
 @torch.no_grad()
@@ -138,13 +128,12 @@ def _decompose_batch(visual, pixels, layer_set):
     mlps = [x[:, 0]]
     heads, other = [], torch.zeros_like(x[:, 0])
     for i, block in enumerate(visual.transformer.resblocks):
-        h = block.ln_1(x)
-        terms = _cls_head_terms(block, h)
+        attn_out, terms = _attention_with_heads(block, block.ln_1(x))
         if i in layer_set:
             heads.append(terms)
         else:
             other = other + terms.sum(1)
-        x = x + block.ls_1(_attention_full(block, h))
+        x = x + attn_out
         m = block.ls_2(block.mlp(block.ln_2(x)))
         mlps.append(m[:, 0])
         x = x + m
@@ -229,14 +218,15 @@ class Contributions:
         return F.normalize(emb, dim=-1) if normalize else emb
 
 
-def _meta_for(model, layers, batch_size, n_layers) -> dict:
+def _meta_for(model, layers, batch_size, n_layers, *, hash_weights: bool) -> dict:
     from .models import weights_hash
 
-    visual = vision_transformer(model)
-    return {"format": FORMAT_VERSION, "model": getattr(model, "fastinterp_name", type(model).__name__),
+    meta = {"format": FORMAT_VERSION, "model": getattr(model, "fastinterp_name", type(model).__name__),
             "weights": str(getattr(model, "fastinterp_weights", "unknown")),
-            "weights_sha256": weights_hash(visual)[:16],  # random weights differ per seed
             "layers": list(layers), "n_layers": n_layers, "batch_size": batch_size}
+    if hash_weights:  # only for resumable outputs: random weights differ per seed
+        meta["weights_sha256"] = weights_hash(vision_transformer(model))[:16]
+    return meta
 
 
 def _batch_path(folder: Path, i: int) -> Path:
@@ -360,7 +350,7 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dev = visual.conv1.weight.device if device is None else torch.device(device)
     folder = None
-    meta = _meta_for(model, layers, batch_size, info.layers)
+    meta = _meta_for(model, layers, batch_size, info.layers, hash_weights=output is not None)
     if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
         import hashlib
         meta["inputs"] = hashlib.sha256("\0".join(map(os.fspath, images)).encode()).hexdigest()[:16]
