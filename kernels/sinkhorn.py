@@ -314,35 +314,59 @@ def _log_domain(M, moff, n, m, ld, a, b, reg, u, v, numItermax, stopThr, errs, o
 
 @njit(cache=True, error_model="numpy", fastmath=_FLAGS)
 def _fixed(M, moff, n, m, ld, reg, iters, out):
-    """The reference's loop: P = exp(-M / reg); iters x (rows to sum 1, then columns)."""
-    P = np.empty(n * m)
-    _exp_of_cost(M, moff, n, m, ld, reg, P)
-    inv_col = np.empty(m)
-    for _ in range(iters):  # dividing by a sum = multiplying by its reciprocal (within 1 ulp)
+    """The reference's loop: P = exp(-M / reg); iters x (rows to sum 1, then columns).
+
+    Every iterate is diag(u) P0 diag(v): normalising the rows sets u = 1 / (P0 v), then
+    the columns set v = 1 / (P0^T u). Iterating on u (n,) and v (m,) does the same with two
+    matrix-vector products per iteration instead of four passes over the matrix (the
+    result agrees with the matrix form to rounding, ~1e-15 relative).
+    """
+    P0 = np.empty(n * m)
+    _exp_of_cost(M, moff, n, m, ld, reg, P0)
+    u = np.empty(n)
+    v = np.ones(m)
+    ktu = np.empty(m)
+    for _ in range(iters):
         for i in range(n):
             row = i * m
             s = 0.0
             for j in range(m):
-                s += P[row + j]
-            inv = 1.0 / s
-            for j in range(m):
-                P[row + j] *= inv
+                s += P0[row + j] * v[j]
+            u[i] = 1.0 / s
         for j in range(m):
-            inv_col[j] = 0.0
+            ktu[j] = 0.0
         for i in range(n):
             row = i * m
+            ui = u[i]
             for j in range(m):
-                inv_col[j] += P[row + j]
+                ktu[j] += P0[row + j] * ui
         for j in range(m):
-            inv_col[j] = 1.0 / inv_col[j]
+            v[j] = 1.0 / ktu[j]
+        # v's overall scale drifts by about (n / m) per iteration (rows and columns cannot
+        # both sum to 1) and the plan does not depend on it: rescale by a power of two (exact)
+        _, e = math.frexp(v[0])
+        f = math.ldexp(1.0, -e)
+        for j in range(m):
+            v[j] *= f
+    if iters > 0:  # the last column step, with the final u
+        for j in range(m):
+            ktu[j] = 0.0
         for i in range(n):
             row = i * m
+            ui = u[i]
             for j in range(m):
-                P[row + j] *= inv_col[j]
+                ktu[j] += P0[row + j] * ui
+        for j in range(m):
+            v[j] = 1.0 / ktu[j]
     for i in range(n):
         base = moff + i * ld
-        for j in range(m):
-            out[base + j] = P[i * m + j]
+        if iters > 0:
+            ui = u[i]
+            for j in range(m):
+                out[base + j] = ui * P0[i * m + j] * v[j]
+        else:
+            for j in range(m):
+                out[base + j] = P0[i * m + j]
     return (iters - 1 if iters > 0 else 0), CONVERGED, 0.0
 
 
