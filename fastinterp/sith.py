@@ -522,7 +522,7 @@ def decompose(model, dictionary_embeddings: torch.Tensor, layers: Sequence[int] 
 
     if isinstance(layers, int):
         layers = [layers]
-    layers = check_layers(model, list(layers))
+    layers = list(dict.fromkeys(check_layers(model, list(layers))))  # -1 and L-1 are one layer
     _check_sv_type(sv_type)
     parse_method(method)
     if isinstance(sparsity, bool) or not isinstance(sparsity, int) or sparsity < 1:

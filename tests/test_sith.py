@@ -187,6 +187,7 @@ def test_decompose_matches_reference_flow(model, concepts, mean_vec, tmp_path, m
 
 
 def test_decompose_scores_sorted_descending(model, concepts):
+    assert list(sith.decompose(model, concepts[1], [3, -1], rank=2, progress=False)) == [3]  # one layer
     res = sith.decompose(model, concepts[1], 2, rank=16, progress=False)[2]
     s = res["scores"]
     assert bool((s[..., :-1] >= s[..., 1:]).all()) and bool((s >= 0).all())
