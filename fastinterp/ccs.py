@@ -118,9 +118,9 @@ def describe_heads(model, images, texts: Sequence[str], *, tokenizer=None, prepr
     contrib = head_contributions(model, images, layers, preprocess=preprocess, batch_size=batch_size,
                                  output=None if out is None else out / "contributions", progress=progress)
     K = len(contrib)
-    limit = min(rank, K, info.output_dim, len(bank))
+    limit = min(rank, K - 1, info.output_dim, len(bank))
     if n_texts > limit:
-        raise ValueError(f"TextSpan can pick at most min(rank={rank}, images={K}, dim={info.output_dim}, "
+        raise ValueError(f"TextSpan can pick at most min(rank={rank}, images - 1={K - 1}, dim={info.output_dim}, "
                          f"texts={len(bank)}) = {limit} texts per head; got n_texts={n_texts}. Use more images "
                          f"or a smaller n_texts")
     res = textspan(contrib.heads, text_embeddings, n_texts=n_texts, rank=rank, return_details=True,

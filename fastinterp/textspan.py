@@ -507,9 +507,11 @@ def textspan(contributions, text_embeddings, n_texts: int = 5, rank: int = 80, *
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     rr = min(rank, K, d)
-    if not isinstance(n_texts, int) or not 1 <= n_texts <= min(rr, M):
-        raise ValueError(f"n_texts={n_texts!r} must be in 1..{min(rr, M)} (at most the subspace rank "
-                         f"min(rank={rank}, images={K}, d={d}) and the number of texts {M})")
+    limit = min(rr, K - 1, M)  # the centred data has rank <= K - 1: later picks would rank pure noise
+    if not isinstance(n_texts, int) or not 1 <= n_texts <= limit:
+        raise ValueError(f"n_texts={n_texts!r} must be in 1..{limit} (at most the subspace rank "
+                         f"min(rank={rank}, d={d}), the rank of the centred data (images - 1 = {K - 1}) and the "
+                         f"number of texts {M}); use more images or fewer texts per head")
     if not torch.isfinite(T).all():
         raise ValueError("text embeddings contain NaN/inf")
     tnorm = T.norm(dim=-1)

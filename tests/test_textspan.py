@@ -151,6 +151,17 @@ def test_textspan_head_chunks_and_single_head():
     assert all(len(set(row.tolist())) == 4 for row in full.reshape(-1, 4))
 
 
+def test_textspan_duplicate_texts_pick_the_first():
+    C, T = _random_problem(9, L=1, H=2)
+    ref_idx, _ = textspan_reference(C, T, n_texts=5, rank=16)
+    first = int(ref_idx[0, 0, 0])
+    T2 = np.concatenate([T[: first + 1], T[first:first + 1], T[first + 1:]])  # duplicate of the first pick
+    ref2, _ = textspan_reference(C, T2, n_texts=5, rank=16)
+    ours = textspan(torch.from_numpy(C), torch.from_numpy(T2), n_texts=5, rank=16).numpy()
+    np.testing.assert_array_equal(ours, ref2)
+    assert ours[0, 0, 0] == first and first + 1 not in ours[0, 0].tolist()  # the copy is deflated away
+
+
 def test_textspan_rank_exceeds_images():
     C, T = _random_problem(6, K=12, d=32)  # rank 80 > 12 images: subspace = row space of C
     ref_idx, _ = textspan_reference(C, T, n_texts=5, rank=80)
@@ -172,6 +183,9 @@ def test_textspan_bad_inputs():
         textspan(Ct, Tt, n_texts=9, rank=8)
     with pytest.raises(ValueError, match="at least 2 images"):
         textspan(Ct[:1], Tt)
+    with pytest.raises(ValueError, match=r"images - 1 = 4"):  # 5 images: 4 directions of spread
+        textspan(Ct[:5], Tt, n_texts=5)
+    assert textspan(Ct[:5], Tt, n_texts=4).shape == (2, 3, 4)
     bad = Ct.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
