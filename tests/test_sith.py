@@ -618,3 +618,38 @@ def test_tensor_hash_small_and_sampled():
         u[1, 3] += 1e-3  # row 1 is not in the sample when sampling: the column sums catch it
         assert sith._tensor_hash(u, max_elements=max_el) != h
     assert sith._tensor_hash(t[:, :4]) != sith._tensor_hash(t[:, :4].reshape(600, 2))
+
+
+@pytest.mark.parametrize("width,heads,layers", [(48, 3, 2), (32, 8, 1)])
+def test_other_vit_shapes_vo_and_edits(width, heads, layers):
+    """A bare open_clip VisionTransformer of other widths / head counts (head dims 16 and 4)."""
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(9)
+    vit = VisionTransformer(image_size=32, patch_size=8, width=width, layers=layers, heads=heads, mlp_ratio=2.0,
+                            output_dim=24).eval()
+    with torch.no_grad():
+        for blk in vit.transformer.resblocks:
+            blk.ln_1.bias.normal_(0, 0.3)
+            blk.attn.in_proj_bias.normal_(0, 0.3)
+    hd = width // heads
+    last = layers - 1
+    w, bias = sith.vo_matrices(vit, last, return_bias=True)
+    w_ref, bias_ref = ref.vo_matrices(vit.transformer.resblocks[last])
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bias, bias_ref, atol=1e-6, rtol=1e-5)
+    u, s, vh = sith.vo_svd(vit, last)
+    assert s.shape == (heads, hd)
+    torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, w, atol=1e-6, rtol=1e-5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    mult = torch.rand(heads, hd, generator=torch.Generator().manual_seed(11)) * 2 - 0.5
+    edited = copy.deepcopy(vit)
+    sith.apply_multipliers(edited, last, mult)
+    theirs = copy.deepcopy(vit)
+    ur, sr, vhr = ref.svd(w_ref.double(), hd)
+    ref.ExplicitVOAttention.install(theirs.transformer.resblocks[last], (ur @ torch.diag_embed(sr * mult) @ vhr).float())
+    with torch.no_grad():
+        torch.testing.assert_close(edited(x), theirs(x), atol=2e-5, rtol=1e-4)
+        assert float((edited(x) - vit(x)).abs().max()) > 1e-3
+    z = sith.project(vit, vh.reshape(-1, width))
+    assert z.shape == (heads * hd, 24)
