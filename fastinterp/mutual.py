@@ -133,7 +133,8 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
     Per image: top-`top_initial` descriptors per part; their intersection over parts (in
     ascending id order); kept where rel > mean(rel over them) - `relevance_offset`; Sinkhorn
     with P = exp(scale * S) over `sinkhorn_iters` row-then-column normalisations;
-    top-min(per_part, K) per part; all parts' picks pooled, de-duplicated (first kept) and
+    top-min(per_part, K) per part (ties in the plan, e.g. the all-ones plan of a single part,
+    broken by the higher similarity); all parts' picks pooled, de-duplicated (first kept) and
     stably sorted by scale * rel, descending.
 
     Returns:
@@ -179,10 +180,12 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
         problems.append(part_logits[b].double()[:, keep])
         where.append((b, keep))
     plans = sinkhorn_fixed(problems, scale=scale, epsilon=1.0, iters=sinkhorn_iters) if problems else []
-    for P, (b, keep) in zip(plans, where):
+    for P, S, (b, keep) in zip(plans, problems, where):
         k = min(per_part, keep.numel())
-        picks = torch.as_tensor(P).topk(k, dim=1).indices
-        part_ids = [[int(keep[j]) for j in row] for row in picks.tolist()]
+        # Top-k of the plan, ties broken by the similarity: with a single part every column
+        # of the plan normalises to exactly 1, and topk alone would pick arbitrary ties.
+        order = np.lexsort((-S.numpy(), -np.asarray(P)), axis=1)
+        part_ids = [[int(keep[j]) for j in row[:k]] for row in order.tolist()]
         seen: dict[int, None] = {}
         for row in part_ids:
             for i in row:
@@ -317,7 +320,8 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
             v = vis[b]
             vision_set = [texts[i] for i in v["ids"]]
             venn_lang = [texts[i] for i in lang_venn[b].tolist()]
-            mutual = [t for t in vision_set if t in set(venn_lang)]
+            venn_set = set(venn_lang)
+            mutual = [t for t in vision_set if t in venn_set]
             parts_out = []
             for j, pid in enumerate(pr.part_ids[b]):
                 ids = v["part_ids"][j] if j < len(v["part_ids"]) else []
@@ -338,9 +342,9 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
                 "auc": curve_auc(curve),
                 "concept_sets": {"vision": vision_set, "language": venn_lang, "mutual": mutual},
             }
-        for b in range(B):
-            if records[b]["foreground_patches"] == 0:
-                records[b]["note"] = "empty foreground: no parts, no vision concepts, MI 0"
+    for b in range(B):
+        if records[b]["foreground_patches"] == 0:
+            records[b]["note"] = "empty foreground: no parts, no vision concepts, MI 0"
     return MutualExplanation(records, vc, bank)
 
 

@@ -97,8 +97,6 @@ def patch_features(model, pixels: torch.Tensor, *, facet: str = "tokens",
     if facet not in FACETS:
         raise ValueError(f"facet={facet!r}; choose one of {FACETS}")
     visual = vision_transformer(model)
-    if getattr(visual, "attn_pool", None) is not None:
-        pass  # tokens are still the transformer output; pooling does not change them
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", True)
     device = next(model.parameters()).device

@@ -38,7 +38,9 @@ def _plain_vision_descriptors(logits, rel, top_initial, offset, per_part):
         keep = [c for c, v in zip(common, r) if v > mean_r - offset]
         plan = sinkhorn_reference(P[:, keep].double(), scale=2.5, epsilon=1.0, iters=1000)
         k = min(per_part, len(keep))
-        part_ids = [[keep[j] for j in row] for row in plan.topk(k, dim=1).indices.tolist()]
+        sub = P[:, keep]
+        part_ids = [[keep[j] for j in sorted(range(len(keep)), key=lambda j: (-float(plan[r, j]), -float(sub[r, j])))[:k]]
+                    for r in range(P.shape[0])]
         flat = []
         for row in part_ids:
             for i in row:
@@ -82,6 +84,13 @@ def test_fewer_common_descriptors_than_top_k_and_empty_intersection():
         mutual.vision_descriptors([disjoint], torch.zeros(2, 4))
     with pytest.raises(ValueError, match="part_logits"):
         mutual.vision_descriptors([disjoint], torch.zeros(1, 5))
+
+
+def test_single_part_plan_ties_go_to_the_most_similar_descriptors():
+    # one part: the plan normalises to all ones, so the similarity decides the top-3
+    logits = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.2]])
+    out = mutual.vision_descriptors([logits], torch.zeros(1, 5), top_initial=5)[0]
+    assert out["part_ids"] == [[3, 1, 2]]
 
 
 def test_relevance_filter_threshold():

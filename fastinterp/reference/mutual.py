@@ -16,8 +16,9 @@ What the reference notebook does for the images of one class, written plainly:
   Python loop (``fastinterp.reference.mi.mi_curve_reference``).
 
 This is the baseline the benchmark times and the parity tests compare with. Slow on purpose.
-One deliberate difference from the original: an empty foreground gives an image with no
-parts (the original crashes there).
+Deliberate differences from the original: an empty foreground gives an image with no
+parts (the original crashes there); ties in the Sinkhorn plan (a single part's plan is all
+ones) go to the higher similarity (the original leaves them to torch.topk's order).
 """
 from __future__ import annotations
 
@@ -150,11 +151,13 @@ def explain_reference(model, preprocess, tokenizer, images, descriptor_texts, de
             if len(common):
                 S_common = torch.stack([logits[r, common] for r in range(logits.shape[0])])
                 P = sinkhorn_reference(S_common.double(), scale=2.5, epsilon=1.0, iters=sinkhorn_iters)
-                _, picks = P.topk(min(per_part, len(common)), dim=-1)
+                k = min(per_part, len(common))
                 part_descs = []
-                for r in range(picks.shape[0]):
+                for r in range(P.shape[0]):
+                    # plan value first, similarity breaking ties (a single part's plan is all ones)
+                    picks = sorted(range(P.shape[1]), key=lambda j: (-float(P[r, j]), -float(S_common[r, j])))[:k]
                     ids = []
-                    for v in picks[r].tolist():
+                    for v in picks:
                         if int(common[v]) not in ids:
                             ids.append(int(common[v]))
                     part_descs.append(ids)
