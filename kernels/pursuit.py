@@ -18,8 +18,9 @@ Forms: `_select_torch` (CPU, any device) and `_select_triton` (CUDA, or the inte
 dispatched by `select_atoms` via `choose_backend`. On CPUs with native bf16 dot products,
 `_select_torch_screened` (exact result, about 2-3x less time): a bf16 matmul scores every
 atom, a rigorous per-signal error bound keeps the few atoms that could still win, and those
-are rescored exactly. The dictionary may be stored in
-fp16/bf16 with fp32 accumulation (on the CPU path each chunk is upcast to fp32).
+are rescored exactly. The dictionary may be stored in fp16/bf16 with fp32 accumulation:
+the Triton kernel then rounds q to the storage dtype for tensor-core dots; the CPU path
+upcasts each chunk to fp32 and keeps q in fp32.
 """
 from __future__ import annotations
 
