@@ -1,6 +1,6 @@
 """Whole mutual-knowledge pipeline, images/s: fastinterp vs the reference-style per-image flow.
 
-    FASTINTERP_BENCH_PRESET=quick|full python -m pytest benchmarks/bench_mutual_pipeline.py --benchmark-only
+    FASTINTERP_BENCH_PRESET=quick|medium|full python -m pytest benchmarks/bench_mutual_pipeline.py --benchmark-only
 
 Same random-weight model, same images (two "classes", each processed as one batch, as the
 reference does), same descriptor bank and precomputed descriptor / class classifiers (the
@@ -35,6 +35,8 @@ from fastinterp.reference.mutual import explain_reference
 SIZES = {
     "quick": {"model": fastinterp.TINY_MODEL, "images_per_class": 3, "classes": 2, "bank": 800,
               "rounds": 2, "reference_rounds": 1},
+    "medium": {"model": "ViT-B-16", "images_per_class": 4, "classes": 2, "bank": 2000,
+               "rounds": 1, "reference_rounds": 1},
     "full": {"model": "ViT-B-16", "images_per_class": 16, "classes": 2, "bank": 4229,
              "rounds": 2, "reference_rounds": 1},
 }

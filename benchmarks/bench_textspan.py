@@ -12,6 +12,10 @@ rest fp64). Baseline: `fastinterp.reference.textspan.textspan_reference` (numpy 
 head an SVD and per step the images x texts projection, in the input's fp32 as the
 original code), timed on `ref_heads` heads and scaled per head to all heads (stated in
 extra_info), after checking that it picks the same texts as ours on those heads.
+
+A second case times the decomposition (`head_contributions`, all layers, random weights)
+against `decompose_reference` (the reference hook's per-layer (B, N, N, H, D) tensor), on
+the tiny model (quick) or ViT-B-16 (full), the reference on fewer images, scaled per image.
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ from fastinterp.textspan import textspan
 
 SIZES = {
     "quick": {"images": 1_000, "layers": 2, "heads": 4, "dim": 512, "texts": 800, "n_texts": 5, "rank": 80,
-              "ref_heads": 1},
+              "ref_heads": 1, "decomp_model": "fastinterp-tiny-ViT", "decomp_images": 32, "decomp_ref_images": 8},
     "full": {"images": 10_000, "layers": 4, "heads": 12, "dim": 512, "texts": 3_498, "n_texts": 5, "rank": 80,
-             "ref_heads": 2},
+             "ref_heads": 2, "decomp_model": "ViT-B-16", "decomp_images": 16, "decomp_ref_images": 1},
 }
 PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
 S = SIZES[PRESET]
@@ -79,3 +83,36 @@ def test_textspan_all_heads_vs_reference_loop(benchmark):
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
     assert idx.shape == (L, H, S["n_texts"])
+
+
+def test_head_contributions_vs_reference_decomposition(benchmark):
+    import fastinterp
+    from fastinterp.reference.textspan import decompose_reference
+    from fastinterp.textspan import head_contributions
+
+    torch.manual_seed(0)
+    model = fastinterp.load_clip(S["decomp_model"])[0]
+    info = fastinterp.vit_info(model)
+    n, n_ref = S["decomp_images"], S["decomp_ref_images"]
+    pixels = torch.randn(n, 3, *info.image_size, generator=torch.Generator().manual_seed(1))
+    t0 = time.perf_counter()
+    attn, mlps, _ = decompose_reference(model, pixels[:n_ref])
+    ref_s = time.perf_counter() - t0
+
+    def run():
+        return head_contributions(model, pixels, batch_size=8, progress=False)
+
+    c = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    torch.testing.assert_close(attn.sum(2), c.heads[:n_ref], atol=1e-5, rtol=1e-4)  # validate the baseline
+    ours_s = benchmark.stats.stats.median
+    N = info.num_patches + 1
+    ref_full_s = ref_s / n_ref * n
+    benchmark.extra_info.update({
+        "preset": PRESET, "model": S["decomp_model"], "images": n, "reference_images_timed": n_ref,
+        "reference_seconds_scaled_to_all_images": ref_full_s, "reference_scaling": "per image",
+        "ours_images_per_s": n / ours_s, "reference_images_per_s": n_ref / ref_s,
+        "speedup_vs_reference": ref_full_s / ours_s,
+        "reference_tensor_mib_per_image_per_layer": N * N * info.heads * info.width * 4 / 2 ** 20,
+        "ours_attention_output_mib_per_image_per_layer": N * info.width * 4 / 2 ** 20,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    })

@@ -26,6 +26,7 @@ SECTIONS: tuple[str, ...] = (
     "fastinterp.sith:demo_section",
     "fastinterp.mutual:demo_section",
     "fastinterp.ccs:demo_section",
+    "fastinterp.pruning:demo_section",
 )
 
 
