@@ -30,14 +30,37 @@ if HAS_TRITON:
             v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
             tl.store(out_row + cols, (v * scale).to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
+    _NUM_WARPS = 4
+    _NUM_STAGES = 3
+    _MAX_BLOCK = 1024
+
+    def _aot_specs() -> list[dict]:
+        """The launches of `_l2_normalize_rows_triton`: each storage dtype, at the block sizes
+        CLIP widths give (512: ViT-B joint space; 1024: widths 768 and 1024, the cap)."""
+        specs = []
+        for name, ptype in (("fp32", "*fp32"), ("fp16", "*fp16"), ("bf16", "*bf16")):
+            for block in (512, _MAX_BLOCK):
+                specs.append({
+                    "name": f"l2_normalize_rows_{name}_block{block}", "fn": _l2_normalize_rows_kernel,
+                    "signature": {"x_ptr": ptype, "out_ptr": ptype, "n_cols": "i32", "stride_x": "i32",
+                                  "stride_out": "i32", "eps": "fp32", "BLOCK": "constexpr"},
+                    "constexprs": {"BLOCK": block}, "num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES,
+                })
+        return specs
+
+    AOT_SPECS = _aot_specs()
+else:  # pragma: no cover - triton ships for Linux only
+    AOT_SPECS = []
+
 
 def _l2_normalize_rows_triton(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     if x.shape[0] == 0:
         return out
-    block = min(1024, triton.next_power_of_2(max(x.shape[1], 16)))
-    _l2_normalize_rows_kernel[(x.shape[0],)](x, out, x.shape[1], x.stride(0), out.stride(0), eps, BLOCK=block)
+    block = min(_MAX_BLOCK, triton.next_power_of_2(max(x.shape[1], 16)))
+    _l2_normalize_rows_kernel[(x.shape[0],)](x, out, x.shape[1], x.stride(0), out.stride(0), eps, BLOCK=block,
+                                             num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     return out
 
 
