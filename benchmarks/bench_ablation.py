@@ -13,12 +13,12 @@ before anything is timed; the speedup is in extra_info. Target: >= 4x.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
 
+from benchmarks.presets import preset
 import fastinterp
 from fastinterp.ablation import single_head_ablations
 from fastinterp.reference import ablation as ref
@@ -27,7 +27,7 @@ SIZES = {
     "quick": {"model": fastinterp.TINY_MODEL, "images": 8, "last_layers": 4, "rounds": 3},
     "full": {"model": "ViT-B-16", "images": 16, "last_layers": 4, "rounds": 1},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 
 

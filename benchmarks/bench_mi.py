@@ -14,12 +14,12 @@ Cases:
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
 
+from benchmarks.presets import preset
 from fastinterp.kernels import mi
 from fastinterp.reference import mi as ref
 
@@ -29,7 +29,7 @@ SIZES = {
     "full": {"images": 50_000, "ref_images": 2_000, "n_range": (10, 20), "m": 50, "vocab": 4229,
              "labels": [10_000, 1_000_000, 10_000_000]},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 
 

@@ -17,7 +17,6 @@ The reference's outputs are checked against ours (vision concepts, MI curves) be
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks.presets import preset
 import fastinterp
 from fastinterp import mutual
 from fastinterp.reference.mutual import explain_reference
@@ -40,7 +40,7 @@ SIZES = {
     "full": {"model": "ViT-B-16", "images_per_class": 16, "classes": 2, "bank": 4229,
              "rounds": 2, "reference_rounds": 1},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 CLASS_NAMES = ["red disc", "green square", "blue stripes", "yellow ring"]
 

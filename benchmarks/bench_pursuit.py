@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.presets import preset
 from fastinterp import sparse
 from fastinterp.kernels import pursuit
 from fastinterp.reference import sparse as ref
@@ -49,7 +50,7 @@ SIZES = {
              "peer_B": 1024, "peer_M": 10_000, "sk_signals": 64,
              "mem_B": 64, "mem_M": 1_000_000, "mem_D": 768},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 GIB = 1 << 30
 # Every contender runs with the same intra-op thread count. The default, 1, is deliberate on

@@ -14,7 +14,6 @@ Cases (all problems 5 x 300: parts x descriptors, as in the textual-concept step
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.presets import preset
 from fastinterp.kernels import sinkhorn as sk
 from fastinterp.kernels.mi import numba_threads
 from fastinterp.reference.mi import sinkhorn_reference
@@ -32,7 +32,7 @@ SIZES = {
     "full": {"problems": 50_000, "pot_problems": 2_000, "fixed_problems": 5_000, "ref_problems": 50,
              "shape": (5, 300)},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 
 REGIMES = {

@@ -33,6 +33,7 @@ import time
 import pytest
 import torch
 
+from benchmarks.presets import preset
 import fastinterp
 from fastinterp import sith
 from fastinterp.reference import sith as ref
@@ -43,7 +44,7 @@ SIZES = {
     "full": {"model": "ViT-B-16", "layers": [10, 11], "words": 5_000, "dictionary": "random", "K": 5,
              "images": 4, "rounds": 2, "batch": 64},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 # Same convention as the other benchmark files: 1 intra-op thread by default on the shared
 # development machine (FASTINTERP_BENCH_THREADS=0 keeps torch's default).

@@ -19,7 +19,6 @@ the tiny model (quick) or ViT-B-16 (full), the reference on fewer images, scaled
 """
 from __future__ import annotations
 
-import os
 import resource
 import time
 
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.presets import preset
 from fastinterp.reference.textspan import textspan_reference
 from fastinterp.textspan import textspan
 
@@ -36,7 +36,7 @@ SIZES = {
     "full": {"images": 10_000, "layers": 4, "heads": 12, "dim": 512, "texts": 3_498, "n_texts": 5, "rank": 80,
              "ref_heads": 2, "decomp_model": "ViT-B-16", "decomp_images": 16, "decomp_ref_images": 1},
 }
-PRESET = os.environ.get("FASTINTERP_BENCH_PRESET", "quick")
+PRESET = preset(SIZES)
 S = SIZES[PRESET]
 
 
