@@ -89,7 +89,9 @@ def explain_reference(model, preprocess, tokenizer, images, descriptor_texts, de
         class_weights: (C, d) unit rows, the precomputed zero-shot classifier.
     Returns:
         B dicts: "predicted", "foreground_patches", "part_ids" (part labels present),
-        "part_descriptors" (ids per part), "vision_ids", "scores", "language_ids", "mi_curve".
+        "common_descriptors" (the parts' top-k intersection) and "relevant_descriptors" (after
+        the relevance filter) when a part is present, "part_descriptors" (ids per part),
+        "vision_ids", "scores", "language_ids", "mi_curve".
     """
     from ..vision import (crf_refine, fit_part_ellipse, kmeans_parts, normalization_of, patch_features,
                           pca_parts, to_uint8_images, upsample_mask, visual_prompts)
@@ -144,10 +146,12 @@ def explain_reference(model, preprocess, tokenizer, images, descriptor_texts, de
             for r in range(1, logits.shape[0]):
                 common.intersection_update(top[r].tolist())
             common = torch.tensor(sorted(common), dtype=torch.long)
+            rec["common_descriptors"] = common.tolist()
             if len(common):
                 texts = [descriptor_texts[v] for v in common.tolist()]
                 rel = (_encode_text_reference(model, tokenizer, texts, device) @ image_feature.T).squeeze(-1).cpu()
                 common = common[rel.double() > (rel.double().mean() - relevance_offset)]
+            rec["relevant_descriptors"] = common.tolist()
             if len(common):
                 S_common = torch.stack([logits[r, common] for r in range(logits.shape[0])])
                 P = sinkhorn_reference(S_common.double(), scale=2.5, epsilon=1.0, iters=sinkhorn_iters)
