@@ -183,8 +183,12 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
     for P, S, (b, keep) in zip(plans, problems, where):
         k = min(per_part, keep.numel())
         # Top-k of the plan, ties broken by the similarity: with a single part every column
-        # of the plan normalises to exactly 1, and topk alone would pick arbitrary ties.
-        order = np.lexsort((-S.numpy(), -np.asarray(P)), axis=1)
+        # of the plan normalises to 1 (exactly in the reference's row-then-column form, within
+        # an ulp in our scaling form), and topk alone would pick arbitrary ties. Plan values
+        # equal to 12 digits relative to the row's largest count as tied.
+        P = np.asarray(P)
+        tied = np.round(P / P.max(axis=1, keepdims=True), 12)
+        order = np.lexsort((-S.numpy(), -tied), axis=1)
         part_ids = [[int(keep[j]) for j in row[:k]] for row in order.tolist()]
         seen: dict[int, None] = {}
         for row in part_ids:

@@ -14,6 +14,7 @@ import fastinterp
 from fastinterp import mutual
 from fastinterp.concepts import ConceptDictionary
 from fastinterp.images import demo_images
+from fastinterp.kernels.sinkhorn import sinkhorn_fixed
 from fastinterp.reference.mi import mi_curve_reference, sinkhorn_reference
 from fastinterp.reference.mutual import dataset_auc_reference, explain_reference
 
@@ -91,6 +92,12 @@ def test_single_part_plan_ties_go_to_the_most_similar_descriptors():
     logits = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.2]])
     out = mutual.vision_descriptors([logits], torch.zeros(1, 5), top_initial=5)[0]
     assert out["part_ids"] == [[3, 1, 2]]
+    # at the reference's size our scaling-form plan is 1 +- an ulp, not exactly 1: still a tie
+    logits = torch.rand(1, 500, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.3
+    plan = np.asarray(sinkhorn_fixed([logits], scale=2.5, epsilon=1.0, iters=1000)[0])
+    assert np.abs(plan - 1).max() < 1e-14
+    out = mutual.vision_descriptors([logits], torch.zeros(1, 500), top_initial=500)[0]
+    assert out["part_ids"] == [logits[0].argsort(descending=True)[:3].tolist()]
 
 
 def test_relevance_filter_threshold():
