@@ -156,6 +156,30 @@ def test_batched_padded_with_shapes_and_torch():
     assert sk.sinkhorn_batched(None, None, [], 0.2) == []
 
 
+
+def test_padding_is_never_read_and_bad_costs_inside_are_found():
+    """Padded problems narrower than the buffer are read row by row (strided); full-width ones
+    in one pass: both must ignore the padding and both must see a bad entry in their block."""
+    rng = np.random.default_rng(6)
+    M3 = rng.random((3, 4, 50))
+    shapes = np.array([[4, 50], [3, 20], [2, 7]])
+    padded = M3.copy()
+    padded[1, :, 20:] = np.nan
+    padded[1, 3, :] = -1.0
+    padded[2, 2:, :] = np.inf
+    padded[2, :, 7:] = -5.0
+    out = sk.sinkhorn_batched(None, None, padded, 0.5, shapes=shapes)
+    for p, (r, c) in enumerate(shapes):
+        np.testing.assert_allclose(out[p, :r, :c], pot([], [], M3[p, :r, :c], 0.5), atol=1e-12)
+    for p, (i, j) in ((0, (3, 49)), (1, (2, 19)), (2, (1, 6))):
+        bad = padded.copy()
+        bad[p, i, j] = np.nan
+        with pytest.raises(ValueError, match=rf"NaN or infinity \(problems \[{p}\]\)"):
+            sk.sinkhorn_batched(None, None, bad, 0.5, shapes=shapes)
+        bad[p, i, j] = -1.0
+        with pytest.raises(ValueError, match=rf"negative costs \(problems \[{p}\]\)"):
+            sk.sinkhorn_batched(None, None, bad, 0.5, shapes=shapes)
+
 # ---------------------------------------------------------------- the reference's fixed loop
 
 
