@@ -42,8 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 BASELINES = BENCH_DIR / "baselines"
 BASELINE_WORDS = ("reference", "pot", "sklearn", "spams", "torch_f", "lower_bound", "torch_backend")
-COMPARE_FAIL = "median:50%"
-"""The regression threshold: a case fails when its median time is > 50 % above the baseline's."""
+COMPARE_FAIL = "median:100%"
+"""The default regression threshold: a case fails when its median time is more than twice the
+baseline's. Back-to-back runs of unchanged code on the shared 2-core development machine
+differ by up to 1.7x; on a dedicated machine pass a tighter one (--compare-fail median:20%)."""
 
 
 # ----------------------------------------------------------------------------- running
@@ -55,14 +57,29 @@ def saved_baseline(preset: str, machine_id: str | None = None) -> Path | None:
     return found[-1] if found else None
 
 
-def gate_args(baseline: Path) -> list[str]:
-    """pytest-benchmark flags that fail the run on a slowdown beyond COMPARE_FAIL against a
+def gate_args(baseline: Path, threshold: str = COMPARE_FAIL) -> list[str]:
+    """pytest-benchmark flags that fail the run on a slowdown beyond `threshold` against a
     saved baseline file (named by its run number, looked up in --benchmark-storage)."""
-    return [f"--benchmark-compare={baseline.name.split('_')[0]}", f"--benchmark-compare-fail={COMPARE_FAIL}"]
+    return [f"--benchmark-compare={baseline.name.split('_')[0]}", f"--benchmark-compare-fail={threshold}"]
+
+
+def machine_slowdown(baseline_json: Path, current_json: Path) -> float | None:
+    """How much slower this machine multiplied matrices in this run than when the baseline
+    was saved (baseline fp32 matmul rate / current, at the most threads measured in both); a
+    shared machine with a busy neighbour shows it, and the gate's verdict is then suspect."""
+    rates = []
+    for path in (baseline_json, current_json):
+        info = (json.loads(Path(path).read_text()).get("machine_info") or {}).get("fastinterp") or {}
+        rates.append(((info.get("matmul") or {}).get("cpu_gflops")) or {})
+    common = set(rates[0]) & set(rates[1])
+    if not common:
+        return None
+    key = max(common, key=int)
+    return rates[0][key] / rates[1][key] if rates[1][key] else None
 
 
 def run_pytest(preset: str, output: Path, only: str | None, save_baseline: bool,
-               compare: Path | None = None) -> tuple[int, str, list[str]]:
+               compare: Path | None = None, threshold: str = COMPARE_FAIL) -> tuple[int, str, list[str]]:
     """Run the suite; returns (exit code, captured output, the command)."""
     cmd = [sys.executable, "-m", "pytest", str(BENCH_DIR.relative_to(ROOT)), "--benchmark-only",
            "--preset", preset, f"--benchmark-json={output / 'pytest-benchmark.json'}", "-p", "no:cacheprovider",
@@ -75,7 +92,7 @@ def run_pytest(preset: str, output: Path, only: str | None, save_baseline: bool,
     if save_baseline:
         cmd.append(f"--benchmark-save={preset}")
     if compare:
-        cmd += gate_args(compare)
+        cmd += gate_args(compare, threshold)
     env = dict(os.environ, **{presets.ENV_VAR: preset})
     env.pop("TRITON_INTERPRET", None)
     print("$", " ".join(cmd), flush=True)
@@ -310,7 +327,9 @@ def main(argv=None) -> int:
     parser.add_argument("--save-baseline", action="store_true",
                         help="also save the run under benchmarks/baselines/<machine id>/")
     parser.add_argument("--compare", action="store_true",
-                        help=f"fail on a regression vs this machine's saved baseline ({COMPARE_FAIL})")
+                        help="fail on a regression vs the newest baseline saved for this preset on this machine id")
+    parser.add_argument("--compare-fail", default=COMPARE_FAIL, metavar="FIELD:PCT",
+                        help=f"the gate's threshold, as pytest-benchmark's --benchmark-compare-fail (default {COMPARE_FAIL})")
     parser.add_argument("--no-aot", action="store_true", help="skip the ahead-of-time Triton compilation table")
     parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                         help="render existing pytest-benchmark JSONs (merged, in order) instead of running the suite")
@@ -331,14 +350,19 @@ def main(argv=None) -> int:
             print(f"no {args.preset!r} baseline saved for machine id {machine.machine_id()!r} under {BASELINES}: "
                   "running without the regression gate (save one with --save-baseline)", flush=True)
         elif baseline is not None:
-            print(f"regression gate: median time > {COMPARE_FAIL.split(':')[1]} above {baseline} fails", flush=True)
-        code, out, cmd = run_pytest(args.preset, output, args.only, args.save_baseline, baseline)
+            print(f"regression gate: {args.compare_fail} slower than {baseline} fails", flush=True)
+        code, out, cmd = run_pytest(args.preset, output, args.only, args.save_baseline, baseline, args.compare_fail)
         skipped = skipped_cases(out)
         pytest_json = [output / "pytest-benchmark.json"]
         command = "python -m benchmarks.report " + " ".join(argv if argv is not None else sys.argv[1:])
         if not pytest_json[0].exists():
             print(f"pytest wrote no benchmark JSON (exit {code}); no report", file=sys.stderr)
             return code or 1
+        slowdown = machine_slowdown(baseline, pytest_json[0]) if baseline is not None else None
+        if slowdown is not None and slowdown > 1.25:
+            print(f"warning: this machine's matmul ran {slowdown:.2f}x slower than when the baseline was "
+                  "saved (a busy neighbour?): a failed gate may be the machine, not the code; rerun when quiet",
+                  file=sys.stderr, flush=True)
     aot_report = None
     if not args.no_aot:
         from fastinterp.kernels import aot

@@ -110,6 +110,18 @@ def test_report_rows_table_and_plots(fake_run, tmp_path):
     assert json.loads((out / "benchmarks.json").read_text())["machine"]["machine_id"] == "test-2c"
 
 
+def test_machine_slowdown_compares_the_matmul_rates(fake_run, tmp_path):
+    slow = tmp_path / "slow.json"
+    data = json.loads(fake_run.read_text())
+    data["machine_info"]["fastinterp"]["matmul"]["cpu_gflops"] = {"2": 50.0, "4": 10.0}
+    slow.write_text(json.dumps(data))
+    assert report.machine_slowdown(fake_run, slow) == 2.0  # 100 / 50 at 2 threads, the most in both
+    assert report.machine_slowdown(fake_run, fake_run) == 1.0
+    data["machine_info"]["fastinterp"]["matmul"]["cpu_gflops"] = {"8": 1.0}
+    slow.write_text(json.dumps(data))
+    assert report.machine_slowdown(fake_run, slow) is None
+
+
 def test_report_command_renders_an_existing_json(fake_run, tmp_path):
     out = tmp_path / "rendered"
     code = report.main(["--from-json", str(fake_run), "--output", str(out), "--no-aot"])
