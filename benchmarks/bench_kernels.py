@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import fastinterp
-from benchmarks.machine import PeakMemory
+from benchmarks.machine import PeakMemory, timed
 from benchmarks.presets import preset
 from fastinterp import sparse
 from fastinterp.kernels import l2_normalize_rows
@@ -68,11 +68,6 @@ THREADS = int(os.environ.get("FASTINTERP_BENCH_THREADS", "1"))
 if THREADS > 0:
     torch.set_num_threads(THREADS)
 
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 def record_baseline(info: dict, name: str, ok: bool, why: str, seconds: float | None, ours_s: float):

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.machine import timed
 from benchmarks.presets import preset
 from fastinterp import sparse
 from fastinterp.kernels import pursuit
@@ -73,11 +74,6 @@ def problem(b, d, m, seed=0):
     x /= torch.linalg.vector_norm(x, dim=1, keepdim=True)
     return x, dictionary
 
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 def lower_bound(x, dictionary, k):

@@ -33,6 +33,7 @@ import time
 import pytest
 import torch
 
+from benchmarks.machine import timed
 from benchmarks.presets import preset
 import fastinterp
 from fastinterp import sith
@@ -69,11 +70,6 @@ def setup():
     mean = 0.3 * mean / mean.norm()
     return model, emb, mean, info
 
-
-def timed(fn, *a, **k):
-    t0 = time.perf_counter()
-    out = fn(*a, **k)
-    return out, time.perf_counter() - t0
 
 
 def test_decompose(benchmark, setup):

@@ -104,6 +104,13 @@ def _threads() -> dict:
     return out
 
 
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds it took): one timed call of a baseline."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
 def _time_best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
