@@ -1,4 +1,4 @@
-"""Loading open_clip CLIP models and reading the shape of their ViT image tower.
+"""Loading open_clip CLIP models and hashing their weights (the ViT view is `fastinterp.vit`).
 
 `load_clip` is the one way fastinterp builds a model: an open_clip name plus either a
 pretrained tag (downloaded by open_clip where there is internet), a local checkpoint file,
@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from dataclasses import asdict, dataclass
 from importlib import resources
 
 import torch
+
+# the ViT view lives in fastinterp.vit; these names stay importable from here
+from .vit import ViTInfo, check_layers, vision_transformer, vit_info  # noqa: F401
 
 TINY_MODEL = "fastinterp-tiny-ViT"
 """A 4-layer, 64-wide, 4-head ViT registered with open_clip so tests run in seconds."""
@@ -100,78 +102,6 @@ def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpo
     model.fastinterp_weights = checkpoint and os.fspath(checkpoint) or pretrained or "random"
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
-
-
-@dataclass(frozen=True)
-class ViTInfo:
-    """Shape of an open_clip ViT image tower."""
-
-    layers: int
-    heads: int
-    width: int
-    head_dim: int
-    output_dim: int
-    patch_grid: tuple[int, int]
-    image_size: tuple[int, int]
-
-    @property
-    def num_patches(self) -> int:
-        return self.patch_grid[0] * self.patch_grid[1]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def vision_transformer(model):
-    """The model's `open_clip.transformer.VisionTransformer`, or a clear error if it has none."""
-    from open_clip.transformer import VisionTransformer
-
-    visual = getattr(model, "visual", model)
-    if not isinstance(visual, VisionTransformer):
-        raise TypeError(
-            f"this method needs a ViT image tower (open_clip VisionTransformer), but the model's "
-            f"visual tower is {type(visual).__name__}. Use a ViT model such as 'ViT-B-16' or "
-            f"{TINY_MODEL!r}; ResNet and timm towers are not supported."
-        )
-    attn = visual.transformer.resblocks[0].attn
-    if not isinstance(attn, torch.nn.MultiheadAttention):
-        raise TypeError(
-            f"the ViT's attention is {type(attn).__name__}; fastinterp reads the weights of "
-            f"torch.nn.MultiheadAttention blocks (the standard open_clip ViT)."
-        )
-    return visual
-
-
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def vit_info(model) -> ViTInfo:
-    """Layers, heads, width, head dim, joint-space dim, patch grid and image size of a ViT."""
-    visual = vision_transformer(model)
-    attn = visual.transformer.resblocks[0].attn
-    return ViTInfo(
-        layers=len(visual.transformer.resblocks),
-        heads=attn.num_heads,
-        width=visual.transformer.width,
-        head_dim=attn.head_dim,
-        output_dim=visual.output_dim,
-        patch_grid=_pair(visual.grid_size),
-        image_size=_pair(visual.image_size),
-    )
-
-
-def check_layers(model, layers) -> list[int]:
-    """Validate layer indices (negative counts from the end); returns them non-negative."""
-    n = vit_info(model).layers
-    out = []
-    for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer indices must be ints, got {layer!r}")
-        if not -n <= layer < n:
-            raise IndexError(f"layer {layer} is out of range for a ViT with {n} layers (0..{n - 1})")
-        out.append(layer % n)
-    return out
 
 
 def weights_hash(model, *, exclude_prefix: str | None = None) -> str:
