@@ -16,17 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .concepts import ConceptDictionary
-from .images import demo_images
-from .models import TINY_MODEL, ViTInfo, load_clip, vit_info
+from ..concepts import ConceptDictionary
+from ..images import demo_images
+from ..models import TINY_MODEL, load_clip
+from ..vit import ViTInfo, vit_info
+from .common import add_model_args
 
 SECTIONS: tuple[str, ...] = (
     # "module:function" entries, each `fn(ctx: DemoContext) -> str` (a Markdown section);
-    # the method modules add theirs here.
-    "fastinterp.sith:demo_section",
-    "fastinterp.mutual:demo_section",
-    "fastinterp.ccs:demo_section",
-    "fastinterp.pruning:demo_section",
+    # each command group's module adds its own here.
+    "fastinterp.cli.sith:demo_section",
+    "fastinterp.cli.mutual:demo_section",
+    "fastinterp.cli.ccs:demo_section",
+    "fastinterp.cli.ccs:prune_demo_section",
 )
 
 
@@ -47,16 +49,14 @@ class DemoContext:
 
 
 def _nearest_concepts_figure(ctx: DemoContext, image_emb: torch.Tensor, path: Path, k: int = 5) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     text = F.normalize(ctx.concept_embeddings, dim=-1)
     sims = F.normalize(image_emb, dim=-1) @ text.T
     top = sims.topk(k, dim=-1)
     names = list(ctx.images)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 4.0))
+    fig = Figure(figsize=(3.2 * len(names), 4.0))
+    axes = fig.subplots(1, len(names))
     nearest = {}
     for ax, name, vals, idx in zip(axes, names, top.values, top.indices):
         concepts = [ctx.dictionary[i] for i in idx.tolist()]
@@ -69,7 +69,6 @@ def _nearest_concepts_figure(ctx: DemoContext, image_emb: torch.Tensor, path: Pa
     fig.suptitle(f"nearest concepts by cosine ({ctx.model.fastinterp_name}, weights: {ctx.model.fastinterp_weights})")
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return nearest
 
 
@@ -130,3 +129,19 @@ def run_demo(output: str | Path = "fastinterp-out", *, model_name: str = TINY_MO
         "seconds": round(elapsed, 2),
     }, indent=2), encoding="utf-8")
     return report
+
+
+def cmd_demo(args) -> int:
+    report = run_demo(args.output, model_name=args.model_name, pretrained=args.pretrained,
+                      checkpoint=args.checkpoint, device=args.device, seed=args.seed,
+                      progress=not args.quiet)
+    print(f"demo report written to {report}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo: random-weight ViT, built-in concepts, report folder")
+    add_model_args(p)
+    p.add_argument("--output", default="fastinterp-out", help="output folder (default: fastinterp-out)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
