@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.head_mask import masked_head_projection
-from .models import vision_transformer, vit_info
+from .vit import check_blocks, check_heads, check_layers, head_outputs, parse_head, vision_transformer, vit_info
 
 __all__ = [
     "MODES",
@@ -43,37 +43,8 @@ ACTIVATION_BUDGET_BYTES = 2 << 30
 
 
 # --------------------------------------------------------------------------------------
-# validation helpers
+# validation helpers (head ids and the supported-block check are the ViT view's: fastinterp.vit)
 # --------------------------------------------------------------------------------------
-def parse_head(spec) -> tuple[int, int]:
-    """'L11.H3', 'l11h3', '11.3', '11:3' or (11, 3) -> (11, 3)."""
-    if isinstance(spec, (tuple, list)) and len(spec) == 2:
-        layer, head = spec
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (layer, head)):
-            raise TypeError(f"head {spec!r}: layer and head must be ints")
-        return int(layer), int(head)
-    if isinstance(spec, str):
-        s = spec.strip().upper().replace("L", "").replace("H", ".").replace(":", ".").replace("..", ".")
-        parts = [p for p in s.split(".") if p != ""]
-        if len(parts) == 2 and all(p.lstrip("-").isdigit() for p in parts):
-            return int(parts[0]), int(parts[1])
-    raise ValueError(f"cannot read head {spec!r}; write it as 'L<layer>.H<head>' (e.g. 'L11.H3') or (layer, head)")
-
-
-def _check_heads(heads, layers: int, n_heads: int) -> list[tuple[int, int]]:
-    out = []
-    for spec in heads:
-        layer, head = parse_head(spec)
-        if not 0 <= layer < layers:
-            raise IndexError(f"head {spec!r}: layer {layer} is out of range for a ViT with {layers} layers "
-                             f"(0..{layers - 1})")
-        if not 0 <= head < n_heads:
-            raise IndexError(f"head {spec!r}: head {head} is out of range for {n_heads} heads per layer "
-                             f"(0..{n_heads - 1})")
-        out.append((layer, head))
-    return out
-
-
 def head_set_masks(model_or_shape, head_sets, *, value: float = 0.0) -> torch.Tensor:
     """Masks (C, layers, heads) from C head lists: ones everywhere except `value` at the listed
     heads. `model_or_shape` is a model or a (layers, heads) pair."""
@@ -85,7 +56,7 @@ def head_set_masks(model_or_shape, head_sets, *, value: float = 0.0) -> torch.Te
     head_sets = list(head_sets)
     masks = torch.ones(len(head_sets), layers, n_heads)
     for c, heads in enumerate(head_sets):
-        for layer, head in _check_heads(heads, layers, n_heads):
+        for layer, head in check_heads(heads, layers, n_heads):
             masks[c, layer, head] = value
     return masks
 
@@ -130,42 +101,12 @@ def _check_images(images, info) -> torch.Tensor:
     return images
 
 
-def _check_supported(visual):
-    for i, block in enumerate(visual.transformer.resblocks):
-        attn = block.attn
-        if not getattr(attn, "_qkv_same_embed_dim", True) or attn.bias_k is not None or attn.add_zero_attn:
-            raise TypeError(f"block {i}: fastinterp's head masking reads a packed in_proj attention without "
-                            f"bias_k/zero-attention (the standard open_clip ViT)")
-        if hasattr(block, "ln_1_kv"):
-            raise TypeError(f"block {i} is a cross-attention block; head masking needs a self-attention ViT")
-
-
 # --------------------------------------------------------------------------------------
 # the block pieces (batch-first (B, N, D) throughout)
 # --------------------------------------------------------------------------------------
 def _embed(visual, images):
     x = visual._embeds(images.to(visual.conv1.weight.dtype))
     return x
-
-
-def _head_outputs(block, x, cls_only: bool = False):
-    """(B, N, D) residual -> (B, N, H, hd) per-head attention outputs before out_proj
-    (with cls_only: the class-token query only, (B, 1, H, hd))."""
-    attn = block.attn
-    B, N, D = x.shape
-    H = attn.num_heads
-    hd = D // H
-    h = block.ln_1(x)
-    if cls_only:
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        q = F.linear(h[:, :1], w[:D], None if b is None else b[:D]).view(B, 1, H, hd).transpose(1, 2)
-        kv = F.linear(h, w[D:], None if b is None else b[D:])
-        k, v = kv.view(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N or 1, hd)
-    return o.transpose(1, 2)
 
 
 def _cls_pooled(visual) -> bool:
@@ -179,7 +120,7 @@ def _mlp(block, x):
 
 
 def _plain_block(block, x, cls_only: bool = False):
-    o = _head_outputs(block, x, cls_only)
+    o = head_outputs(block, x, cls_only=cls_only)
     B, N, H, hd = o.shape
     attn = block.attn
     if cls_only:
@@ -201,7 +142,7 @@ def _proj_args(block):
 
 def _masked_block(block, x, masks_l, mean_l, C, backend, cls_only: bool = False):
     """x: (C*B, N, D); masks_l: (C, H) -> (C*B, N, D) ((C*B, 1, D) with cls_only)."""
-    o = _head_outputs(block, x, cls_only)
+    o = head_outputs(block, x, cls_only=cls_only)
     CB, N, H, hd = o.shape
     B = CB // C
     if cls_only:
@@ -241,7 +182,7 @@ def head_output_means(model, images, *, batch_size: int = 64, progress: bool = F
     """
     visual = vision_transformer(model)
     info = vit_info(model)
-    _check_supported(visual)
+    check_blocks(visual, "head masking")
     batches = [images] if isinstance(images, torch.Tensor) else images
     total = None
     count = 0
@@ -253,7 +194,7 @@ def head_output_means(model, images, *, batch_size: int = 64, progress: bool = F
             x = _embed(visual, batch[start:start + batch_size].to(visual.conv1.weight.device))
             sums = []
             for block in visual.transformer.resblocks:
-                o = _head_outputs(block, x)
+                o = head_outputs(block, x)
                 sums.append(o.float().sum(0))
                 B, N, H, hd = o.shape
                 attn = block.attn
@@ -302,43 +243,20 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
         (C, B, d) unnormalised image embeddings (what `model.encode_image(normalize=False)`
         returns), in the model's dtype.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    visual = vision_transformer(model)
-    info = vit_info(model)
-    _check_supported(visual)
-    masks = check_masks(masks, info.layers, info.heads)
-    images = _check_images(images, info)
-    device = visual.conv1.weight.device
-    dtype = visual.conv1.weight.dtype
-    images = images.to(device)
-    C = masks.shape[0]
-    B = images.shape[0]
+    visual, info, masks, images, means = _check_forward_args(model, images, masks, mode, means, config_chunk)
+    C, B, L = masks.shape[0], images.shape[0], info.layers
     blocks = visual.transformer.resblocks
-    L = info.layers
-    n_tokens = info.num_patches + 1
-    if mode == "mean":
-        means = _check_means(means, info, n_tokens, device, dtype)
-    else:
-        means = None
-    if config_chunk is not None and config_chunk < 1:
-        raise ValueError(f"config_chunk must be >= 1, got {config_chunk}")
-
     changed = (masks != 1).reshape(C, L, -1).any(-1)  # (C, L)
-    first = torch.where(changed.any(1), changed.float().argmax(1), torch.full((C,), L))
-    out = torch.empty((C, B, info.output_dim), device=device, dtype=dtype)
+    first = torch.where(changed.any(1), changed.float().argmax(1), torch.full((C,), L))  # first masked layer
+    dtype = visual.conv1.weight.dtype
+    out = torch.empty((C, B, info.output_dim), device=images.device, dtype=dtype)
+    chunk = config_chunk or _default_config_chunk(info, B, dtype)
 
     x = _embed(visual, images)
     l0 = int(first.min())
     cls_last = _cls_pooled(visual)  # the last block only matters for the class token
     for layer in range(l0):
         x = _plain_block(blocks[layer], x, cls_last and layer == L - 1)
-    if config_chunk is None:
-        # residual + MLP hidden (4x) + attention temporaries, in the model's dtype
-        per_config = B * n_tokens * info.width * torch.empty((), dtype=dtype).element_size() * 8
-        config_chunk = max(1, ACTIVATION_BUDGET_BYTES // per_config)
-    chunk = config_chunk
-
     for layer in range(l0, L):
         block = blocks[layer]
         last = cls_last and layer == L - 1
@@ -347,38 +265,79 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
             x = _plain_block(block, x, last)
             continue
         # the unmasked layer, computed once for all configurations that start here
-        o = _head_outputs(block, x, last)  # (B, N, H, hd); N = 1 for a class-token-only last layer
-        N, H, hd = o.shape[1:]
+        o = head_outputs(block, x, cls_only=last)  # (B, N, H, hd); N = 1 for a class-token-only last layer
         if last:
             x = x[:, :1]
         w, bias = _proj_args(block)
-        clean_attn = F.linear(o.reshape(B, N, H * hd), w, bias)
+        clean_attn = F.linear(o.flatten(2), w, bias)
         for s0 in range(0, len(starters), chunk):
             group = starters[s0:s0 + chunk]
-            G = len(group)
-            m = masks[group].to(device)  # (G, L, H)
-            a = m[:, layer] - 1
-            if means is None:
-                delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, backend=backend)
-            else:
-                delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, y=means[layer][:N], b=-a,
-                                               backend=backend)
-            xs = x.unsqueeze(0) + block.ls_1(clean_attn.unsqueeze(0) + delta.reshape(G, B, N, -1))
-            xs = _mlp(block, xs.reshape(G * B, N, -1))
-            for later in range(layer + 1, L):
-                xs = _masked_block(blocks[later], xs, m[:, later], _means_for(means, later), G, backend,
-                                   cls_last and later == L - 1)
-            out[group] = _finish(visual, xs).reshape(G, B, -1)
-        if (first > layer).any():
-            x = x + block.ls_1(clean_attn)
-            x = _mlp(block, x)
-        else:
-            x = None
-            break
+            out[group] = _diverged_configs(visual, layer, x, o, clean_attn, masks[group], means, backend, cls_last)
+        if not (first > layer).any():
+            return out
+        x = _mlp(block, x + block.ls_1(clean_attn))
     rest = (first == L).nonzero().flatten()
     if rest.numel():
         out[rest] = _finish(visual, x).unsqueeze(0)
     return out
+
+
+def _check_forward_args(model, images, masks, mode, means, config_chunk):
+    """masked_forward's inputs checked: (visual, info, masks (C, L, H) float32 on the CPU,
+    images on the model's device, means on the model's device and dtype (mode "mean") or None)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    visual = vision_transformer(model)
+    info = vit_info(model)
+    check_blocks(visual, "head masking")
+    masks = check_masks(masks, info.layers, info.heads)
+    images = _check_images(images, info)
+    device = visual.conv1.weight.device
+    dtype = visual.conv1.weight.dtype
+    if mode == "mean":
+        means = _check_means(means, info, info.num_patches + 1, device, dtype)
+    else:
+        means = None
+    if config_chunk is not None and config_chunk < 1:
+        raise ValueError(f"config_chunk must be >= 1, got {config_chunk}")
+    return visual, info, masks, images.to(device), means
+
+
+def _default_config_chunk(info, B: int, dtype) -> int:
+    """How many diverged configurations keep their activations near ACTIVATION_BUDGET_BYTES:
+    the residual + MLP hidden (4x) + attention temporaries, in the model's dtype."""
+    per_config = B * (info.num_patches + 1) * info.width * torch.empty((), dtype=dtype).element_size() * 8
+    return max(1, ACTIVATION_BUDGET_BYTES // per_config)
+
+
+def _diverged_configs(visual, layer, x, o, clean_attn, m, means, backend, cls_last):
+    """G configurations whose masks first differ from all-ones at `layer`, from there to the
+    embedding: (G, B, d).
+
+    x: (B, N, D) residual entering `layer` (class token only for a class-pooled last layer);
+    o: (B, N, H, hd) the unmasked head outputs there; clean_attn: their projection;
+    m: (G, L, H) masks. At `layer` only the attention output changes (by the masked heads'
+    correction); later layers run on the G x B copies.
+    """
+    blocks = visual.transformer.resblocks
+    L = len(blocks)
+    block = blocks[layer]
+    G = m.shape[0]
+    B, N, H, hd = o.shape
+    m = m.to(x.device)
+    a = m[:, layer] - 1
+    w, _ = _proj_args(block)
+    if means is None:
+        delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, backend=backend)
+    else:
+        delta = masked_head_projection(o.reshape(1, B * N, H, hd), a, w, None, y=means[layer][:N], b=-a,
+                                       backend=backend)
+    xs = x.unsqueeze(0) + block.ls_1(clean_attn.unsqueeze(0) + delta.reshape(G, B, N, -1))
+    xs = _mlp(block, xs.reshape(G * B, N, -1))
+    for later in range(layer + 1, L):
+        xs = _masked_block(blocks[later], xs, m[:, later], _means_for(means, later), G, backend,
+                           cls_last and later == L - 1)
+    return _finish(visual, xs).reshape(G, B, -1)
 
 
 def single_head_ablations(model, images: torch.Tensor, layers=None, *, mode: str = "zero",
@@ -390,8 +349,6 @@ def single_head_ablations(model, images: torch.Tensor, layers=None, *, mode: str
         (embeddings, heads): embeddings (len(layers) * heads, B, d) in the order of `heads`,
         a list of (layer, head) pairs (layer-major).
     """
-    from .models import check_layers
-
     info = vit_info(model)
     if layers is None:
         layers = list(range(max(0, info.layers - 4), info.layers))

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .io import atomic_save
 from .models import weights_hash
 
 CACHE_FORMAT = 1
@@ -182,16 +182,7 @@ def _read_cache(path: Path, meta: dict) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, meta: dict, emb: torch.Tensor) -> None:
-    """Atomic write: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"meta": meta, "embeddings": emb.contiguous()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save({"meta": meta, "embeddings": emb.contiguous()}, path)
 
 
 def center_embeddings(embeddings: torch.Tensor) -> torch.Tensor:

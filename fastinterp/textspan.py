@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import check_layers, vision_transformer, vit_info
+from .io import atomic_save, atomic_write_json
+from .vit import check_blocks, check_heads, check_layers, head_outputs, vision_transformer, vit_info
 
 __all__ = [
     "Contributions",
@@ -62,56 +63,27 @@ def _check_decomposable(visual) -> None:
     if not isinstance(visual.ln_post, torch.nn.LayerNorm) or visual.ln_post.weight is None:
         raise TypeError(f"the ViT's final norm is {type(visual.ln_post).__name__}; the decomposition "
                         f"linearises an affine nn.LayerNorm")
-    for i, block in enumerate(visual.transformer.resblocks):
-        attn = block.attn
-        if not getattr(attn, "_qkv_same_embed_dim", True) or attn.bias_k is not None or attn.add_zero_attn:
-            raise TypeError(f"block {i}: the decomposition reads a packed in_proj attention without "
-                            f"bias_k / zero-attention (the standard open_clip ViT)")
-        if hasattr(block, "ln_1_kv") or hasattr(block, "ln_attn") or hasattr(block, "ln_inner"):
-            raise TypeError(f"block {i} is not a plain pre-norm residual attention block; the "
-                            f"decomposition supports the standard open_clip ResidualAttentionBlock")
-
-
-def check_heads(heads, layers: int, n_heads: int) -> list[tuple[int, int]]:
-    """Validate (layer, head) pairs (negative indices count from the end)."""
-    out = []
-    for item in heads:
-        try:
-            layer, head = item
-        except (TypeError, ValueError):
-            raise TypeError(f"a head must be a (layer, head) pair, got {item!r}") from None
-        for v, what in ((layer, "layer"), (head, "head")):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-                raise TypeError(f"{what} index must be an int, got {v!r}")
-        if not -layers <= layer < layers:
-            raise IndexError(f"layer {layer} is out of range for a ViT with {layers} layers (0..{layers - 1})")
-        if not -n_heads <= head < n_heads:
-            raise IndexError(f"head {head} is out of range for {n_heads} heads per layer (0..{n_heads - 1})")
-        out.append((int(layer) % layers, int(head) % n_heads))
-    return out
+    check_blocks(visual, "the direct-contribution decomposition")
 
 
 # --------------------------------------------------------------------------------------
 # one batch
 # --------------------------------------------------------------------------------------
-def _attention_with_heads(block, h):
+def _attention_with_heads(block, x):
     """One attention pass of a block that also yields each head's CLS contribution.
 
-    h: (B, N, D) ln_1 output. Returns (attn_out (B, N, D) through LayerScale, heads
-    (B, H, D)): heads[:, i] = o[cls, i] @ W_o[:, i].T + out_proj.bias / H (through the
+    x: (B, N, D) residual entering the block. Returns (attn_out (B, N, D) through LayerScale,
+    heads (B, H, D)): heads[:, i] = o[cls, i] @ W_o[:, i].T + out_proj.bias / H (through the
     LayerScale), where o[cls, i] = sum_m attn[cls, m, i] v[m, i] is head i's attention
     output for the CLS query, i.e. the head's term summed over source tokens.
     """
     attn = block.attn
-    B, N, D = h.shape
+    B, N, D = x.shape
     H = attn.num_heads
-    hd = D // H
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd) each
-    o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    o = head_outputs(block, x)  # (B, N, H, hd)
     wo, bo = attn.out_proj.weight, attn.out_proj.bias
-    out = F.linear(o.transpose(1, 2).reshape(B, N, D), wo, bo)
-    heads = torch.einsum("bhe,dhe->bhd", o[:, :, 0], wo.view(D, H, hd))  # per-head CLS row
+    out = F.linear(o.reshape(B, N, D), wo, bo)
+    heads = torch.einsum("bhe,dhe->bhd", o[:, 0], wo.view(D, H, D // H))  # per-head CLS row
     if bo is not None:
         heads = heads + bo / H
     return block.ls_1(out), block.ls_1(heads)
@@ -128,7 +100,7 @@ def _decompose_batch(visual, pixels, layer_set):
     mlps = [x[:, 0]]
     heads, other = [], torch.zeros_like(x[:, 0])
     for i, block in enumerate(visual.transformer.resblocks):
-        attn_out, terms = _attention_with_heads(block, block.ln_1(x))
+        attn_out, terms = _attention_with_heads(block, x)
         if i in layer_set:
             heads.append(terms)
         else:
@@ -243,12 +215,6 @@ def _load_batch(path: Path):
         return None
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_contributions(folder: str | os.PathLike) -> Contributions:
     """Read the batch files written by `head_contributions(..., output=folder)`."""
     folder = Path(folder)
@@ -321,6 +287,39 @@ def _batches(images, batch_size, preprocess):
         raise ValueError("the image loader yielded no batches")
 
 
+def _input_fingerprint(images) -> dict:
+    """What identifies the inputs of a resumable run: the paths' hash, or a tensor's shape."""
+    if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
+        import hashlib
+        return {"inputs": hashlib.sha256("\0".join(map(os.fspath, images)).encode()).hexdigest()[:16]}
+    if isinstance(images, torch.Tensor):
+        return {"inputs": f"tensor{tuple(images.shape)}"}
+    return {}
+
+
+def _open_output(folder: Path, meta: dict) -> Path:
+    """Create or resume an output folder: its meta.json must match this run's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"{str(folder)!r} holds contributions of another run ({ {k: old.get(k) for k in meta} }); "
+                             f"use a new output folder or delete it")
+    atomic_write_json(meta_path, meta, indent=2)
+    return folder
+
+
+def _count_batches(images, batch_size) -> int | None:
+    """The number of batches `_batches` will yield, where it is known up front (progress bar)."""
+    if isinstance(images, torch.Tensor):
+        return math.ceil(images.shape[0] / batch_size)
+    if isinstance(images, (list, tuple)) and images and not isinstance(images[0], (list, tuple)) and not (
+            isinstance(images[0], torch.Tensor) and images[0].dim() == 4):
+        return math.ceil(len(images) / batch_size)
+    return len(images) if hasattr(images, "__len__") else None
+
+
 def head_contributions(model, images, layers: Sequence[int] | None = None, *, preprocess=None,
                        batch_size: int = 32, output: str | os.PathLike | None = None,
                        device=None, progress: bool = True) -> Contributions:
@@ -349,32 +348,11 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dev = visual.conv1.weight.device if device is None else torch.device(device)
-    folder = None
     meta = _meta_for(model, layers, batch_size, info.layers, hash_weights=output is not None)
-    if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
-        import hashlib
-        meta["inputs"] = hashlib.sha256("\0".join(map(os.fspath, images)).encode()).hexdigest()[:16]
-    elif isinstance(images, torch.Tensor):
-        meta["inputs"] = f"tensor{tuple(images.shape)}"
-    if output is not None:
-        folder = Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta_path = folder / "meta.json"
-        if meta_path.is_file():
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-            if {k: old.get(k) for k in meta} != meta:
-                raise ValueError(f"{str(folder)!r} holds contributions of another run ({ {k: old.get(k) for k in meta} }); "
-                                 f"use a new output folder or delete it")
-        meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    meta.update(_input_fingerprint(images))
+    folder = None if output is None else _open_output(Path(output), meta)
     layer_set = set(layers)
-    total = None
-    if isinstance(images, torch.Tensor):
-        total = math.ceil(images.shape[0] / batch_size)
-    elif isinstance(images, (list, tuple)) and images and not isinstance(images[0], (list, tuple)) and not (
-            isinstance(images[0], torch.Tensor) and images[0].dim() == 4):
-        total = math.ceil(len(images) / batch_size)
-    elif hasattr(images, "__len__"):
-        total = len(images)
+    total = _count_batches(images, batch_size)
     from tqdm.auto import tqdm
 
     parts = []
@@ -395,12 +373,12 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
                 h, m, o, e = _linearise(visual, *raw, info.layers)
                 data = {"heads": h.cpu(), "mlps": m.cpu(), "other": o.cpu(), "embedding": e.cpu()}
             if folder is not None:
-                _save_atomic(data, _batch_path(folder, i))
+                atomic_save(data, _batch_path(folder, i))
         parts.append(data)
     if folder is not None:
         meta["n_batches"] = n_batches
         meta["n_images"] = sum(p["heads"].shape[0] for p in parts)
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        atomic_write_json(folder / "meta.json", meta, indent=2)
     cat = {k: torch.cat([p[k] for p in parts]) for k in ("heads", "mlps", "other", "embedding")}
     if cat["heads"].shape[0] == 0:
         raise ValueError("no image could be read (all were skipped); check the image files")
@@ -467,25 +445,9 @@ class _lapack_threads:
             torch.set_num_threads(self.saved)
 
 
-def textspan(contributions, text_embeddings, n_texts: int = 5, rank: int = 80, *,
-             return_details: bool = False, head_chunk: int = 16, progress: bool = False):
-    """TextSpan (SPEC 2.2) for all heads at once.
-
-    Args:
-        contributions: (K, L, H, d) per-head contributions (or `Contributions`, or (K, d) for
-            one head); fp64 input computes everything in fp64, otherwise the d x d Gram
-            matrices are fp32 (on centred data) and the rest fp64.
-        text_embeddings: (M, d) text bank embeddings; rows are L2-normalised here.
-        n_texts: texts per head (CCS uses 5). rank: principal subspace rank r (paper: 80).
-        return_details: return a `TextSpanResult` (indices, stds, rank-n reconstruction).
-
-    Returns:
-        indices (L, H, n_texts) (or (n_texts,) for 2-D input), int64, in pick order.
-
-    Numerics: the pick at each step is the argmax of sqrt(a' S a) over texts; texts whose
-    spreads agree to ~1e-12 (fp64) / ~1e-6 (fp32 Gram) relative can be ordered differently
-    than by a loop that forms images x texts explicitly. Exact duplicates pick the first.
-    """
+def _check_textspan_args(contributions, text_embeddings, n_texts, rank):
+    """(C (K, L, H, d), T (M, d), single, rr): the inputs as tensors, whether a 2-D (one
+    head) input was given, and the subspace rank used."""
     C = _as_tensor(contributions, "contributions")
     T = _as_tensor(text_embeddings, "text_embeddings")
     single = C.dim() == 2
@@ -517,6 +479,62 @@ def textspan(contributions, text_embeddings, n_texts: int = 5, rank: int = 80, *
     tnorm = T.norm(dim=-1)
     if (tnorm == 0).any():
         raise ValueError(f"text embedding row {int((tnorm == 0).nonzero()[0])} is all zeros")
+    return C, T, single, rr
+
+
+def _pick_texts(A: torch.Tensor, S: torch.Tensor, n_texts: int):
+    """The greedy picks for a chunk of heads.
+
+    A: (hc, M, rr) text coordinates in each head's subspace; S: (hc, rr, rr) the images'
+    covariance there. Each step takes the text of largest projected variance a' S a and
+    projects it out of every text. Returns indices (hc, n), stds (hc, n) and the picked
+    unit directions (hc, n, rr).
+    """
+    hc, _, rr = A.shape
+    AS = A @ S
+    idx = torch.empty(hc, n_texts, dtype=torch.long, device=A.device)
+    std = torch.empty(hc, n_texts, dtype=A.dtype, device=A.device)
+    picked = torch.empty(hc, n_texts, rr, dtype=A.dtype, device=A.device)
+    ar = torch.arange(hc, device=A.device)
+    for step in range(n_texts):
+        score = (AS * A).sum(-1)  # (hc, M) variance of each text's projection
+        j = score.argmax(-1)
+        idx[:, step] = j
+        std[:, step] = score[ar, j].clamp_min(0).sqrt()
+        a = A[ar, j]  # (hc, rr)
+        nrm2 = (a * a).sum(-1, keepdim=True)
+        if (nrm2 <= 0).any():
+            raise ValueError("a picked text has no component left in the subspace; lower n_texts")
+        picked[:, step] = a / nrm2.sqrt()
+        w = (A @ a[:, :, None])[..., 0] / nrm2  # (hc, M)
+        Sa = (S @ a[:, :, None])[..., 0]  # (hc, rr)
+        A = A - w[:, :, None] * a[:, None, :]
+        AS = AS - w[:, :, None] * Sa[:, None, :]
+    return idx, std, picked
+
+
+def textspan(contributions, text_embeddings, n_texts: int = 5, rank: int = 80, *,
+             return_details: bool = False, head_chunk: int = 16, progress: bool = False):
+    """TextSpan (SPEC 2.2) for all heads at once.
+
+    Args:
+        contributions: (K, L, H, d) per-head contributions (or `Contributions`, or (K, d) for
+            one head); fp64 input computes everything in fp64, otherwise the d x d Gram
+            matrices are fp32 (on centred data) and the rest fp64.
+        text_embeddings: (M, d) text bank embeddings; rows are L2-normalised here.
+        n_texts: texts per head (CCS uses 5). rank: principal subspace rank r (paper: 80).
+        return_details: return a `TextSpanResult` (indices, stds, rank-n reconstruction).
+
+    Returns:
+        indices (L, H, n_texts) (or (n_texts,) for 2-D input), int64, in pick order.
+
+    Numerics: the pick at each step is the argmax of sqrt(a' S a) over texts; texts whose
+    spreads agree to ~1e-12 (fp64) / ~1e-6 (fp32 Gram) relative can be ordered differently
+    than by a loop that forms images x texts explicitly. Exact duplicates pick the first.
+    """
+    C, T, single, rr = _check_textspan_args(contributions, text_embeddings, n_texts, rank)
+    K, L, H, d = C.shape
+    tnorm = T.norm(dim=-1)
     f64 = torch.float64
     gram_dtype = f64 if C.dtype == f64 else torch.float32
     dev = C.device
@@ -543,23 +561,8 @@ def textspan(contributions, text_embeddings, n_texts: int = 5, rank: int = 80, *
         V = _top_eigenvectors(Gu, rr, low_precision=gram_dtype != f64)  # (hc, d, rr) top right sing. vectors of C
         S = V.transpose(1, 2) @ Gc @ V / (K - 1)  # (hc, rr, rr) covariance in the subspace
         A = (Tg @ V.to(gram_dtype)).to(f64) if gram_dtype != f64 else Tn @ V  # (hc, M, rr) text coords
-        AS = A @ S
-        picked = torch.empty(hc, n_texts, rr, dtype=f64, device=dev)
-        ar = torch.arange(hc, device=dev)
-        for step in range(n_texts):
-            score = (AS * A).sum(-1)  # (hc, M) variance of each text's projection
-            j = score.argmax(-1)
-            idx_out[s:s + hc, step] = j.cpu()
-            std_out[s:s + hc, step] = score[ar, j].clamp_min(0).sqrt().cpu()
-            a = A[ar, j]  # (hc, rr)
-            nrm2 = (a * a).sum(-1, keepdim=True)
-            if (nrm2 <= 0).any():
-                raise ValueError("a picked text has no component left in the subspace; lower n_texts")
-            picked[:, step] = a / nrm2.sqrt()
-            w = (A @ a[:, :, None])[..., 0] / nrm2  # (hc, M)
-            Sa = (S @ a[:, :, None])[..., 0]  # (hc, rr)
-            A = A - w[:, :, None] * a[:, None, :]
-            AS = AS - w[:, :, None] * Sa[:, None, :]
+        idx, std, picked = _pick_texts(A, S, n_texts)
+        idx_out[s:s + hc], std_out[s:s + hc] = idx.cpu(), std.cpu()
         if return_details:
             U = picked @ V.transpose(1, 2)  # (hc, n, d) orthonormal picked directions
             Ug = U.to(gram_dtype)
