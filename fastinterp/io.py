@@ -7,6 +7,7 @@ one; the temporary file is removed on every error path (including KeyboardInterr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,15 @@ from typing import IO, Iterator
 
 import torch
 
-__all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "atomic_save", "read_json", "safe_name"]
+__all__ = ["CorruptFileError", "atomic_open", "atomic_write_text", "atomic_write_json", "atomic_save", "content_hash",
+           "load_checked", "read_json", "safe_name", "save_checked"]
+
+CHECKSUM_KEY = "sha256"
+"""The key under which `save_checked` stores the content hash beside the data."""
+
+
+class CorruptFileError(ValueError):
+    """A saved file that cannot be read, or whose contents do not match their checksum."""
 
 
 @contextlib.contextmanager
@@ -74,3 +83,76 @@ def safe_name(text: str, *, sep: str = "_", keep: str = "._-") -> str:
     digits and `keep` becomes `sep`; never empty, never "." or ".."."""
     name = re.sub("[^A-Za-z0-9" + re.escape(keep) + "]+", sep, str(text))
     return sep if name in ("", ".", "..") else name
+
+
+def _hash_into(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=str):
+            h.update(f"K{key!s}".encode())
+            _hash_into(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _hash_into(h, item)
+    elif obj is None or isinstance(obj, (str, int, float, bool)):
+        h.update(("V" + json.dumps(obj)).encode())
+    else:
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            _hash_into(h, torch.from_numpy(np.ascontiguousarray(obj)))
+        else:
+            raise TypeError(f"content_hash: cannot hash a {type(obj).__name__}")
+
+
+def content_hash(obj) -> str:
+    """SHA-256 of nested dicts / lists / tensors / arrays / plain values: their bytes, dtypes,
+    shapes and keys, independent of how the file holding them was serialised."""
+    h = hashlib.sha256()
+    _hash_into(h, obj)
+    return h.hexdigest()
+
+
+def save_checked(obj: dict, path: str | os.PathLike) -> None:
+    """`atomic_save` of a dict with its content hash stored under CHECKSUM_KEY (still a plain
+    dict for `torch.load`)."""
+    if not isinstance(obj, dict) or CHECKSUM_KEY in obj:
+        raise TypeError(f"save_checked takes a dict without a {CHECKSUM_KEY!r} key")
+    atomic_save({**obj, CHECKSUM_KEY: content_hash(obj)}, path)
+
+
+def load_checked(path: str | os.PathLike, *, require_checksum: bool = True) -> dict:
+    """Load a file written by `save_checked` (tensors only, `weights_only=True`) and verify it.
+
+    Raises CorruptFileError, naming the file, when it cannot be read, is not such a dict,
+    has no checksum (unless `require_checksum=False`, for files of older versions), or its
+    contents do not match the checksum. Returns the dict without the checksum key.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CorruptFileError(f"{path!r} is a folder, not a saved file; move it away")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many types for truncated / foreign files
+        raise CorruptFileError(f"{path!r} cannot be read ({type(err).__name__}): it is truncated, corrupt or "
+                               f"not a file fastinterp wrote; delete it to rebuild it") from err
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path!r} holds a {type(data).__name__}, not the dict fastinterp writes")
+    stored = data.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        if require_checksum:
+            raise CorruptFileError(f"{path!r} carries no checksum (written by another tool or an older "
+                                   f"version); delete it to rebuild it")
+        return data
+    if stored != content_hash(data):
+        raise CorruptFileError(f"{path!r}: its contents do not match the checksum written with them (the file "
+                               f"is corrupt); delete it to rebuild it")
+    return data
