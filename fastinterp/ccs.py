@@ -12,19 +12,21 @@ Pipeline, each step resumable from its output folder:
    low (<= 1).
 A failing labeller call (after its retries) stops the step with a `CCSError` naming the
 layer and head; the heads finished before it are already saved and are skipped on rerun.
+The `fastinterp ccs` commands and the demo section are in `fastinterp.cli.ccs`.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .io import atomic_open, atomic_write_text
+from .vit import check_layers, parse_head, vit_info
 
 __all__ = [
     "CCSError",
@@ -38,8 +40,6 @@ __all__ = [
     "run_ccs",
     "read_descriptions",
     "read_labels",
-    "register_cli",
-    "demo_section",
 ]
 
 BUCKETS = ("high", "moderate", "low")
@@ -53,18 +53,11 @@ def _key(layer: int, head: int) -> str:
     return f"L{layer}.H{head}"
 
 
-def parse_head_name(text: str) -> tuple[int, int]:
-    """"L11.H0" / "11.0" / "11:0" -> (11, 0)."""
-    m = re.fullmatch(r"\s*L?(-?\d+)\s*[.:,]\s*H?(-?\d+)\s*", str(text), flags=re.I)
-    if not m:
-        raise ValueError(f"cannot read head {text!r}; write it as L<layer>.H<head>, e.g. L11.H0")
-    return int(m.group(1)), int(m.group(2))
+parse_head_name = parse_head  # the earlier name of `fastinterp.vit.parse_head`
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def _read_json(path: Path, default):
@@ -97,7 +90,6 @@ def describe_heads(model, images, texts: Sequence[str], *, tokenizer=None, prepr
         (layer, head) order.
     """
     from .concepts import ConceptDictionary
-    from .models import check_layers, vit_info
     from .textspan import head_contributions, textspan
 
     info = vit_info(model)
@@ -140,7 +132,7 @@ def describe_heads(model, images, texts: Sequence[str], *, tokenizer=None, prepr
         lines = []
         for r in records:
             lines += ["-" * 18, f"Layer {r['layer']}, Head {r['head']}", "-" * 18, *r["descriptions"]]
-        (out / "descriptions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(out / "descriptions.txt", "\n".join(lines) + "\n")
     return records
 
 
@@ -167,7 +159,7 @@ def _select(records, heads):
     available = {(r["layer"], r["head"]): r for r in records}
     out = []
     for h in heads:
-        layer, head = parse_head_name(h) if isinstance(h, str) else h
+        layer, head = parse_head(h)
         if (layer, head) not in available:
             layers = sorted({k[0] for k in available})
             n_heads = 1 + max(k[1] for k in available)
@@ -319,14 +311,12 @@ def write_results(scores: Sequence[HeadScore], output, *, meta: dict | None = No
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(scores)
     rows = [s.as_dict() for s in scores]
-    tmp = out / f"ccs.csv.tmp{os.getpid()}"
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_open(out / "ccs.csv", "w") as fh:
         w = csv.writer(fh)
         w.writerow(["layer", "head", "label", "ccs", "bucket", "judgements", "descriptions"])
         for r in rows:
             w.writerow([r["layer"], r["head"], r["label"], r["ccs"], r["bucket"],
                         " ".join(map(str, r["judgements"])), " | ".join(r["descriptions"])])
-    os.replace(tmp, out / "ccs.csv")
     _write_json_atomic({"heads": rows, "summary": summary, "meta": meta or {}}, out / "ccs.json")
     return summary
 
@@ -338,171 +328,3 @@ def run_ccs(records: Sequence[dict], labeller, *, output=None, heads=None, progr
     summary = write_results(scores, output, meta={"labeller": repr(labeller)}) if output is not None \
         else summarize(scores)
     return scores, summary
-
-
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
-def _labeller_from_args(args):
-    from .llm import ClipLabeller, LLMLabeller, OpenAIChat
-
-    if args.labeller == "openai":
-        key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        client = OpenAIChat(args.base_url, args.llm_model, key, timeout=args.timeout, max_retries=args.retries,
-                            backoff=args.backoff)
-        return LLMLabeller(client)
-    from .concepts import ConceptDictionary
-    from .models import load_clip
-
-    model, _, tokenizer = load_clip(args.model_name, args.pretrained, device=args.device, checkpoint=args.checkpoint)
-    vocab = ConceptDictionary.from_file(args.vocabulary) if args.vocabulary else ConceptDictionary.builtin("demo")
-    return ClipLabeller(model, tokenizer, vocab, threshold=args.threshold, progress=not args.quiet)
-
-
-def _add_labeller_args(p) -> None:
-    from .cli import add_model_args
-
-    add_model_args(p)
-    p.add_argument("--output", required=True, help="the folder `fastinterp ccs textspan` wrote")
-    p.add_argument("--labeller", choices=("openai", "clip"), default="openai",
-                   help="openai: an OpenAI-compatible chat endpoint (the paper's LLM steps); clip: offline CLIP "
-                        "text similarity to a vocabulary (default: openai)")
-    p.add_argument("--base-url", default=None, help="chat endpoint root (default: $FASTINTERP_LLM_BASE_URL, "
-                                                    "$OPENAI_BASE_URL, https://api.openai.com/v1)")
-    p.add_argument("--llm-model", default=None, help="LLM name (default: $FASTINTERP_LLM_MODEL or gpt-4o)")
-    p.add_argument("--api-key-env", default=None,
-                   help="environment variable holding the API key (default: $FASTINTERP_LLM_API_KEY / $OPENAI_API_KEY)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request (default 60)")
-    p.add_argument("--retries", type=int, default=3, help="retries per LLM request (default 3)")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each retry")
-    p.add_argument("--vocabulary", default=None, help="clip labeller: concept file, one per line (default: built-in demo list)")
-    p.add_argument("--threshold", type=float, default=0.3, help="clip labeller: centred-cosine threshold for 'consistent'")
-    p.add_argument("--heads", nargs="+", default=None, metavar="L11.H0", help="only these heads (default: all described)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def cmd_textspan(args) -> int:
-    from .images import list_image_folder
-    from .models import load_clip, vit_info
-    from .textspan import builtin_text_bank, read_text_bank
-
-    listing = list_image_folder(args.images)  # clear errors for missing / empty folders
-    texts = read_text_bank(args.texts) if args.texts else builtin_text_bank()
-    model, preprocess, tokenizer = load_clip(args.model_name, args.pretrained, device=args.device,
-                                             checkpoint=args.checkpoint)
-    n_layers = vit_info(model).layers
-    if args.layers:
-        layers = [int(v) for v in args.layers.split(",") if v.strip()]
-    else:
-        if not 1 <= args.last_layers <= n_layers:
-            raise IndexError(f"--last-layers {args.last_layers} is out of range for a ViT with {n_layers} layers")
-        layers = list(range(n_layers - args.last_layers, n_layers))
-    records = describe_heads(model, [p for p, _ in listing.items], texts, tokenizer=tokenizer, preprocess=preprocess,
-                             layers=layers, n_texts=args.n_texts, rank=args.rank, batch_size=args.batch_size,
-                             output=args.output, progress=not args.quiet)
-    print(f"{len(records)} heads described from {len(listing.items)} images and {len(texts)} texts; "
-          f"written to {os.path.join(args.output, 'descriptions.json')} (and descriptions.txt)")
-    return 0
-
-
-def cmd_label(args) -> int:
-    records = read_descriptions(args.output)
-    labeller = _labeller_from_args(args)
-    labels = label_heads(records, labeller, output=args.output, heads=args.heads, progress=not args.quiet)
-    for k, v in labels.items():
-        print(f"{k}\t{v}")
-    print(f"{len(labels)} labels written to {os.path.join(args.output, 'labels.json')}")
-    return 0
-
-
-def cmd_score(args) -> int:
-    records = read_descriptions(args.output)
-    labels = read_labels(args.output)
-    labeller = _labeller_from_args(args)
-    scores = score_heads(records, labels, labeller, output=args.output, heads=args.heads, progress=not args.quiet)
-    summary = write_results(scores, args.output, meta={"labeller": repr(labeller)})
-    for s in scores:
-        print(f"{_key(s.layer, s.head)}\t{s.label}\tCCS={s.ccs}\t{s.bucket}")
-    print("CCS@K: " + ", ".join(f"{k}: {v:.3f}" for k, v in summary["ccs_at_k"].items()))
-    print(f"results written to {os.path.join(args.output, 'ccs.csv')} and ccs.json")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """`fastinterp ccs textspan|label|score` (+ `prune` from fastinterp.pruning)."""
-    from .cli import add_model_args
-
-    ccs = subparsers.add_parser("ccs", help="concept consistency of attention heads (TextSpan, LLM labels, CCS)")
-    sub = ccs.add_subparsers(dest="ccs_command", required=True)
-    p = sub.add_parser("textspan", help="per-head TextSpan descriptions over an image folder")
-    add_model_args(p)
-    p.add_argument("--images", required=True, help="image folder (any layout; sub-folders are searched)")
-    p.add_argument("--texts", default=None, help="text bank, one description per line (default: built-in list)")
-    p.add_argument("--last-layers", type=int, default=4, help="describe the heads of the last N layers (default 4)")
-    p.add_argument("--layers", default=None, help="explicit comma-separated layers instead, e.g. 8,9,10,11")
-    p.add_argument("--n-texts", type=int, default=5, help="descriptions per head (default 5)")
-    p.add_argument("--rank", type=int, default=80, help="TextSpan subspace rank (default 80)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--output", required=True, help="output folder (resumable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_textspan)
-    p = sub.add_parser("label", help="label each head from its descriptions (LLM or offline CLIP labeller)")
-    _add_labeller_args(p)
-    p.set_defaults(func=cmd_label)
-    p = sub.add_parser("score", help="judge each (description, label); CCS per head, CCS@K, buckets")
-    _add_labeller_args(p)
-    p.set_defaults(func=cmd_score)
-    try:
-        from .pruning import add_prune_cli
-    except ImportError:
-        add_prune_cli = None
-    if add_prune_cli is not None:
-        add_prune_cli(sub)
-
-
-# --------------------------------------------------------------------------------------
-# demo
-# --------------------------------------------------------------------------------------
-def _views(images: dict) -> list:
-    """Each demo photo, mirrored, and two crops: 4 views per photo."""
-    from PIL import Image
-
-    out = []
-    for im in images.values():
-        w, h = im.size
-        out += [im, im.transpose(Image.FLIP_LEFT_RIGHT), im.crop((0, 0, int(w * 0.7), int(h * 0.7))),
-                im.crop((int(w * 0.2), int(h * 0.2), w, h))]
-    return out
-
-
-def demo_section(ctx) -> str:
-    """CCS on the demo photos: TextSpan over the built-in text bank for the last 2 layers,
-    the offline CLIP labeller with the demo concept list, CCS per head."""
-    from .llm import ClipLabeller
-    from .textspan import builtin_text_bank
-
-    import shutil
-
-    out = ctx.output / "ccs"
-    shutil.rmtree(out, ignore_errors=True)  # the demo always starts fresh (other seed / model)
-    views = _views(ctx.images)
-    n_layers = ctx.info.layers
-    layers = list(range(max(0, n_layers - 2), n_layers))
-    records = describe_heads(ctx.model, views, builtin_text_bank(), tokenizer=ctx.tokenizer, preprocess=ctx.preprocess,
-                             layers=layers, n_texts=5, rank=80, batch_size=8, output=out, progress=False)
-    labeller = ClipLabeller(ctx.model, ctx.tokenizer, ctx.dictionary, cache_dir=ctx.output / "cache")
-    scores, summary = run_ccs(records, labeller, output=out, progress=False)
-    ctx.results["ccs"] = {"layers": layers, "images": len(views), "ccs_at_k": summary["ccs_at_k"],
-                          "bucket_counts": summary["bucket_counts"], "mean_ccs": summary["mean_ccs"],
-                          "heads": [{"head": _key(s.layer, s.head), "label": s.label, "ccs": s.ccs} for s in scores]}
-    lines = ["## CCS: concept consistency of attention heads", "",
-             f"TextSpan over {len(views)} views of the demo photos and the built-in text bank (layers {layers}, "
-             f"5 descriptions per head), labels and judgements from the offline CLIP labeller "
-             f"(threshold {labeller.threshold}). Random weights: the labels mean nothing; the whole path runs. "
-             f"Files: `ccs/descriptions.txt`, `ccs/ccs.csv`, `ccs/ccs.json`.", "",
-             "| head | label | CCS | bucket | first descriptions |", "|---|---|---|---|---|"]
-    for s in scores:
-        lines.append(f"| {_key(s.layer, s.head)} | {s.label} | {s.ccs} | {s.bucket or '-'} | "
-                     f"{'; '.join(s.descriptions[:2])} |")
-    lines += ["", "CCS@K: " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["ccs_at_k"].items())]
-    return "\n".join(lines)

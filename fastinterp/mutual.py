@@ -14,14 +14,12 @@ Pipeline for a batch of images (the images of one class, processed together):
   batched over all images in one call.
 
 Public entry points: ``explain`` (a batch), ``run_dataset`` (an ImageFolder, resumable,
-per-image JSON + dataset curve + figures), the ``fastinterp mutual`` CLI, and the demo section.
+per-image JSON + dataset curve + figures) and the figure functions. The ``fastinterp mutual``
+command and the demo section are in ``fastinterp.cli.mutual``.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,14 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from .concepts import ConceptDictionary
+from .io import atomic_write_json, read_json, safe_name
 from .kernels.mi import curve_auc, dataset_curve, mi_curves
 from .vision import PART_METHODS, VisualConcepts, extract_visual_concepts
 
 __all__ = [
     "IMAGENET_TEMPLATES", "curve_auc", "dataset_curve", "mi_curves", "load_descriptors",
     "class_embeddings", "vision_descriptors", "language_descriptors", "explain",
-    "MutualExplanation", "run_dataset", "plot_parts", "plot_mi_curves", "plot_concept_sets",
-    "register_cli", "demo_section",
+    "MutualExplanation", "run_dataset", "read_class_names", "plot_parts", "plot_mi_curves",
+    "plot_concept_sets", "demo_descriptors",
 ]
 
 IMAGENET_TEMPLATES = (
@@ -95,6 +94,19 @@ def load_descriptors(source) -> ConceptDictionary:
         raise ValueError(f"descriptor file {str(path)!r} holds a JSON {type(data).__name__}; "
                          f"expected a list or an object class -> [descriptors]")
     return ConceptDictionary(texts, name=path.stem)
+
+
+def demo_descriptor_path():
+    """The built-in small class-agnostic descriptor list's file (one descriptor per line)."""
+    from importlib import resources
+
+    return resources.files("fastinterp.data").joinpath("demo_descriptors.txt")
+
+
+def demo_descriptors() -> ConceptDictionary:
+    """The built-in small class-agnostic descriptor list."""
+    text = demo_descriptor_path().read_text(encoding="utf-8")
+    return ConceptDictionary(text.splitlines(), name="demo_descriptors")
 
 
 def class_embeddings(model, tokenizer, class_names: Sequence[str], *, templates=IMAGENET_TEMPLATES,
@@ -155,25 +167,17 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
     out = [{"part_ids": [], "ids": [], "scores": [], "common": 0, "kept": 0} for _ in range(B)]
     if sum(counts) == 0 or M == 0:
         return out
-    allp = torch.cat([x.double() for x in part_logits])
-    k0 = min(int(top_initial), M)
-    top = allp.topk(k0, dim=1).indices
-    owner = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
-    hits = torch.zeros(B, M, dtype=torch.int64)
-    hits.index_put_((owner[:, None].expand_as(top), top), torch.ones_like(top), accumulate=True)
+    hits = _top_hits(part_logits, counts, M, top_initial)
     rel = relevance.double()
     problems, where = [], []
     for b in range(B):
         if counts[b] == 0:
             continue
-        common = torch.nonzero(hits[b] == counts[b]).flatten()
-        out[b]["common"] = int(common.numel())
-        if common.numel() == 0:
-            out[b]["part_ids"] = [[] for _ in range(counts[b])]
-            continue
-        r = rel[b, common]
-        keep = common[r > r.mean() - relevance_offset]
-        out[b]["kept"] = int(keep.numel())
+        common = keep = torch.nonzero(hits[b] == counts[b]).flatten()
+        if common.numel():
+            r = rel[b, common]
+            keep = common[r > r.mean() - relevance_offset]
+        out[b]["common"], out[b]["kept"] = int(common.numel()), int(keep.numel())
         if keep.numel() == 0:
             out[b]["part_ids"] = [[] for _ in range(counts[b])]
             continue
@@ -181,26 +185,42 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
         where.append((b, keep))
     plans = sinkhorn_fixed(problems, scale=scale, epsilon=1.0, iters=sinkhorn_iters) if problems else []
     for P, S, (b, keep) in zip(plans, problems, where):
-        k = min(per_part, keep.numel())
-        # Top-k of the plan, ties broken by the similarity: with a single part every column
-        # of the plan normalises to 1 (exactly in the reference's row-then-column form, within
-        # an ulp in our scaling form), and topk alone would pick arbitrary ties. Plan values
-        # equal to 12 digits relative to the row's largest count as tied.
-        P = np.asarray(P)
-        tied = np.round(P / P.max(axis=1, keepdims=True), 12)
-        order = np.lexsort((-S.numpy(), -tied), axis=1)
-        part_ids = [[int(keep[j]) for j in row[:k]] for row in order.tolist()]
-        seen: dict[int, None] = {}
-        for row in part_ids:
-            for i in row:
-                seen.setdefault(i, None)
-        ids = list(seen)
-        sc = (scale * rel[b, torch.tensor(ids)]).tolist()
-        order = sorted(range(len(ids)), key=lambda i: sc[i], reverse=True)
-        out[b]["part_ids"] = part_ids
-        out[b]["ids"] = [ids[i] for i in order]
-        out[b]["scores"] = [float(sc[i]) for i in order]
+        out[b].update(_plan_picks(P, S, keep, rel[b], min(per_part, keep.numel()), scale))
     return out
+
+
+def _top_hits(part_logits: Sequence[torch.Tensor], counts: list[int], M: int, top_initial: int) -> torch.Tensor:
+    """(B, M) int64: for each image, in how many of its parts' top-`top_initial` lists each
+    descriptor is."""
+    B = len(part_logits)
+    allp = torch.cat([x.double() for x in part_logits])
+    top = allp.topk(min(int(top_initial), M), dim=1).indices
+    owner = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+    hits = torch.zeros(B, M, dtype=torch.int64)
+    hits.index_put_((owner[:, None].expand_as(top), top), torch.ones_like(top), accumulate=True)
+    return hits
+
+
+def _plan_picks(P, S: torch.Tensor, keep: torch.Tensor, rel: torch.Tensor, k: int, scale: float) -> dict:
+    """One image's picks from its transport plan P (parts x kept descriptors): the top-k of
+    each part, then all parts' picks pooled and ordered by scale * rel (see
+    `vision_descriptors`)."""
+    # Top-k of the plan, ties broken by the similarity: with a single part every column
+    # of the plan normalises to 1 (exactly in the reference's row-then-column form, within
+    # an ulp in our scaling form), and topk alone would pick arbitrary ties. Plan values
+    # equal to 12 digits relative to the row's largest count as tied.
+    P = np.asarray(P)
+    tied = np.round(P / P.max(axis=1, keepdims=True), 12)
+    order = np.lexsort((-S.numpy(), -tied), axis=1)
+    part_ids = [[int(keep[j]) for j in row[:k]] for row in order.tolist()]
+    seen: dict[int, None] = {}
+    for row in part_ids:
+        for i in row:
+            seen.setdefault(i, None)
+    ids = list(seen)
+    sc = (scale * rel[torch.tensor(ids)]).tolist()
+    order = sorted(range(len(ids)), key=lambda i: sc[i], reverse=True)
+    return {"part_ids": part_ids, "ids": [ids[i] for i in order], "scores": [float(sc[i]) for i in order]}
 
 
 def language_descriptors(class_emb: torch.Tensor, descriptor_emb: torch.Tensor, class_ids, u: int) -> torch.Tensor:
@@ -272,15 +292,7 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
     B = len(images)
     if B == 0:
         raise ValueError("explain needs at least one image")
-    if labels is not None:
-        labels = [int(v) for v in labels]
-        if len(labels) != B:
-            raise ValueError(f"{len(labels)} labels for {B} images")
-        bad = [v for v in labels if not 0 <= v < len(class_names)]
-        if bad:
-            raise ValueError(f"labels {bad} are outside 0..{len(class_names) - 1} (the class list)")
-    elif language_from == "label":
-        raise ValueError("language_from='label' needs labels= (ground-truth class indices)")
+    labels = _check_labels(labels, B, class_names, language_from)
     if descriptor_embeddings is None:
         descriptor_embeddings = bank.encode(model, tokenizer, template=descriptor_template,
                                             cache_dir=cache_dir, progress=progress)
@@ -296,12 +308,10 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
                                  seed=seed, crf=crf, batch_size=batch_size, progress=progress)
     img = F.normalize(vc.image_embeddings, dim=-1)
     predicted = (img @ cls.T).argmax(dim=1).tolist()
-    source = labels if language_from == "label" else predicted
-    lang = language_descriptors(cls, desc, source, u)
+    lang = language_descriptors(cls, desc, labels if language_from == "label" else predicted, u)
     lang_venn = lang[:, :min(u_venn, lang.shape[1])]
     relevance = img @ desc.T
     texts = bank.texts
-
     records = [{
         "predicted": predicted[b],
         "predicted_class": str(class_names[predicted[b]]),
@@ -315,54 +325,76 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         "methods": {},
     } for b in range(B)]
     for method in methods:
-        pr = vc.parts[method]
-        logits = [e @ desc.T for e in pr.embeddings]
+        logits = [e @ desc.T for e in vc.parts[method].embeddings]
         vis = vision_descriptors(logits, relevance, top_initial=top_initial,
                                  relevance_offset=relevance_offset, per_part=per_part)
-        curves = mi_curves([v["ids"] for v in vis], [lang[b].tolist() for b in range(B)])
-        for b in range(B):
-            v = vis[b]
-            vision_set = [texts[i] for i in v["ids"]]
-            venn_lang = [texts[i] for i in lang_venn[b].tolist()]
-            venn_set = set(venn_lang)
-            mutual = [t for t in vision_set if t in venn_set]
-            parts_out = []
-            for j, pid in enumerate(pr.part_ids[b]):
-                ids = v["part_ids"][j] if j < len(v["part_ids"]) else []
-                (cx, cy), (ew, eh), ang = pr.ellipses[b][j]
-                parts_out.append({"part": pid, "pixels": int((pr.pixel_parts[b] == pid).sum()),
-                                  "ellipse": {"center": [cx, cy], "axes": [ew, eh], "angle": ang},
-                                  "descriptor_ids": ids, "descriptors": [texts[i] for i in ids]})
-            curve = curves[b]
-            records[b]["methods"][method] = {
-                "parts": parts_out,
-                "common_descriptors": v["common"],
-                "relevant_descriptors": v["kept"],
-                "vision_ids": v["ids"],
-                "vision_concepts": vision_set,
-                "scores": v["scores"],
-                "mi_curve": [float(x) for x in curve],
-                "mi": float(curve[0]),
-                "auc": curve_auc(curve),
-                "concept_sets": {"vision": vision_set, "language": venn_lang, "mutual": mutual},
-            }
+        for b, rec in enumerate(_method_records(vc.parts[method], vis, lang, lang_venn, texts)):
+            records[b]["methods"][method] = rec
     for b in range(B):
         if records[b]["foreground_patches"] == 0:
             records[b]["note"] = "empty foreground: no parts, no vision concepts, MI 0"
     return MutualExplanation(records, vc, bank)
 
 
+def _check_labels(labels, B: int, class_names, language_from: str):
+    """Ground-truth class indices as ints (or None), checked against the batch and the classes."""
+    if labels is not None:
+        labels = [int(v) for v in labels]
+        if len(labels) != B:
+            raise ValueError(f"{len(labels)} labels for {B} images")
+        bad = [v for v in labels if not 0 <= v < len(class_names)]
+        if bad:
+            raise ValueError(f"labels {bad} are outside 0..{len(class_names) - 1} (the class list)")
+    elif language_from == "label":
+        raise ValueError("language_from='label' needs labels= (ground-truth class indices)")
+    return labels
+
+
+def _method_records(pr, vis: list[dict], lang: torch.Tensor, lang_venn: torch.Tensor, texts) -> list[dict]:
+    """One part method's record per image: its parts, D_v, the MI curve and the concept sets.
+
+    pr: the method's parts (`VisualConcepts.parts[method]`); vis: `vision_descriptors` of
+    them; lang / lang_venn: (B, u) / (B, u_venn) D_y ids.
+    """
+    curves = mi_curves([v["ids"] for v in vis], [lang[b].tolist() for b in range(len(vis))])
+    out = []
+    for b, v in enumerate(vis):
+        vision_set = [texts[i] for i in v["ids"]]
+        venn_lang = [texts[i] for i in lang_venn[b].tolist()]
+        venn_set = set(venn_lang)
+        mutual = [t for t in vision_set if t in venn_set]
+        parts_out = []
+        for j, pid in enumerate(pr.part_ids[b]):
+            ids = v["part_ids"][j] if j < len(v["part_ids"]) else []
+            (cx, cy), (ew, eh), ang = pr.ellipses[b][j]
+            parts_out.append({"part": pid, "pixels": int((pr.pixel_parts[b] == pid).sum()),
+                              "ellipse": {"center": [cx, cy], "axes": [ew, eh], "angle": ang},
+                              "descriptor_ids": ids, "descriptors": [texts[i] for i in ids]})
+        curve = curves[b]
+        out.append({
+            "parts": parts_out,
+            "common_descriptors": v["common"],
+            "relevant_descriptors": v["kept"],
+            "vision_ids": v["ids"],
+            "vision_concepts": vision_set,
+            "scores": v["scores"],
+            "mi_curve": [float(x) for x in curve],
+            "mi": float(curve[0]),
+            "auc": curve_auc(curve),
+            "concept_sets": {"vision": vision_set, "language": venn_lang, "mutual": mutual},
+        })
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # figures
 # ----------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
+def _figure(figsize):
+    """A stand-alone `matplotlib.figure.Figure` (no pyplot state, no backend switch)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def overlay_parts(image: np.ndarray, pixel_parts: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -380,8 +412,8 @@ def plot_parts(image: np.ndarray, pixel_parts: np.ndarray, record: dict, method:
     """Image | parts overlay with ellipses, each part's colour next to its descriptors."""
     import matplotlib.patches as mpatches
 
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    fig = _figure((9, 4.2))
+    axes = fig.subplots(1, 2)
     axes[0].imshow(image)
     axes[0].set_title(title or record.get("predicted_class", ""), fontsize=9)
     axes[1].imshow(overlay_parts(image, pixel_parts))
@@ -399,13 +431,12 @@ def plot_parts(image: np.ndarray, pixel_parts: np.ndarray, record: dict, method:
         axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_mi_curves(curves: dict, path, *, title: str = "MI dynamics"):
     """One line per entry name -> curve (MI after removing t vision concepts), AUC in the legend."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = _figure((5, 3.5))
+    ax = fig.subplots()
     for name, curve in curves.items():
         c = np.asarray(curve, dtype=float)
         ax.plot(np.arange(len(c)), c, marker="o", markersize=3,
@@ -416,18 +447,17 @@ def plot_mi_curves(curves: dict, path, *, title: str = "MI dynamics"):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_concept_sets(concept_sets: dict, path, *, title: str = ""):
     """Two overlapping circles: vision-only, mutual (the overlap) and language-only concepts."""
     import matplotlib.patches as mpatches
 
-    plt = _plt()
     vision, language, mutual = concept_sets["vision"], concept_sets["language"], concept_sets["mutual"]
     only_v = [t for t in vision if t not in set(mutual)]
     only_l = [t for t in language if t not in set(mutual)]
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig = _figure((10, 5.5))
+    ax = fig.subplots()
     ax.add_patch(mpatches.Circle((0.33, 0.5), 0.3, alpha=0.25, color="tab:blue"))
     ax.add_patch(mpatches.Circle((0.67, 0.5), 0.3, alpha=0.25, color="tab:orange"))
     ax.text(0.2, 0.86, f"vision encoder ({len(vision)})", ha="center", fontsize=10)
@@ -440,36 +470,11 @@ def plot_concept_sets(concept_sets: dict, path, *, title: str = ""):
     ax.set_axis_off()
     ax.set_title(title or f"mutual concepts: {len(mutual)}", fontsize=10)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------
 # dataset runner
 # ----------------------------------------------------------------------------------------
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
-
-
-def _write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temporary file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_record(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
 
 def read_class_names(source, folders: Sequence[str]) -> list[str]:
     """Display names of the class folders: None -> the folder names ('_' as spaces); a
@@ -514,79 +519,128 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
     """
     from tqdm.auto import tqdm
 
-    from .images import list_image_folder, load_images
+    from .images import load_images
 
     t0 = time.perf_counter()
     methods = _as_methods(parts)
     out = Path(output)
-    root_path = Path(root)
-    if root_path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in root_path.iterdir()):
-        raise ValueError(f"{str(root)!r} has no class sub-folders; use the ImageFolder layout root/<class>/<image>")
-    listing = list_image_folder(root, labelled=True)
-    if not listing.classes:
-        raise ValueError(f"{str(root)!r} has no class sub-folders; use the ImageFolder layout root/<class>/<image>")
+    listing = _list_classes(root)
     names = read_class_names(class_names, listing.classes)
     bank = load_descriptors(descriptors)
     desc_emb = bank.encode(model, tokenizer, cache_dir=cache_dir, progress=progress)
     cls_emb = class_embeddings(model, tokenizer, names, cache_dir=cache_dir, progress=progress)
     (out / "figures").mkdir(parents=True, exist_ok=True)
+    store = _RecordStore(out)
     by_class: dict[str, list[Path]] = {c: [] for c in listing.classes}
     for p, c in listing.items:
         by_class[c].append(p)
-
-    def json_path(p: Path, c: str) -> Path:
-        return out / "images" / _safe(c) / (_safe(p.name) + ".json")
-
-    def stamp(p: Path) -> list:
-        st = p.stat()
-        return [st.st_size, st.st_mtime_ns]
-
-    def done(p: Path, c: str) -> bool:
-        rec = _read_record(json_path(p, c))
-        if rec is None:
-            return False
-        # an unreadable file's marker holds only while the file is unchanged
-        return "unreadable" not in rec or rec.get("stamp") == stamp(p)
 
     processed = resumed = 0
     for ci, c in enumerate(tqdm(listing.classes, desc="mutual: classes", disable=not progress, unit="class")):
         paths = by_class[c]
         if not paths:
             continue
-        if all(done(p, c) for p in paths):
-            resumed += sum("unreadable" not in (_read_record(json_path(p, c)) or {}) for p in paths)
+        if all(store.done(p, c) for p in paths):
+            resumed += sum("unreadable" not in (store.read(p, c) or {}) for p in paths)
             continue
         n_skipped = len(listing.skipped)
         loaded = load_images(paths, listing=listing)
         for p, err in listing.skipped[n_skipped:]:
-            _write_json(json_path(p, c), {"image": str(p), "class_folder": c, "unreadable": err, "stamp": stamp(p)})
+            store.write(p, c, {"image": str(p), "class_folder": c, "unreadable": err, "stamp": _stamp(p)})
         if not loaded:
             continue
         exp = explain(model, preprocess, tokenizer, [im for _, im in loaded], names, bank,
                       labels=[ci] * len(loaded), parts=methods, seed=seed, language_from=language_from,
                       descriptor_embeddings=desc_emb, class_embeddings_=cls_emb, progress=False,
                       **explain_kwargs)
-        for b, ((p, _), rec) in enumerate(zip(loaded, exp.records)):
-            rec = dict(rec, image=str(p), class_folder=c)
-            _write_json(json_path(p, c), rec)
-            processed += 1
-            if b < figures:
-                stem = f"{_safe(c)}__{_safe(p.stem)}"
-                for m in methods:
-                    plot_parts(exp.visual.images[b], exp.visual.parts[m].pixel_parts[b], rec, m,
-                               out / "figures" / f"{stem}__{m}_parts.png", title=f"{c}: predicted {rec['predicted_class']}")
-                plot_concept_sets(rec["methods"][methods[0]]["concept_sets"],
-                                  out / "figures" / f"{stem}__concept_sets.png",
-                                  title=f"{c} ({methods[0]}): vision vs language concepts")
+        processed += _write_class(store, c, loaded, exp, methods, figures)
 
-    # aggregate over every image that has a record (this run's and earlier runs')
+    agg = _aggregate(listing, store, methods)
+    summary = {"root": str(root), "output": str(out), "classes": len(listing.classes),
+               "images_listed": len(listing.items), "images_with_results": agg["images"],
+               "processed_this_run": processed, "resumed": resumed, "unreadable": agg["unreadable"],
+               "empty_classes": listing.empty_classes, "empty_foreground": agg["empty_foreground"],
+               "language_from": language_from, "descriptors": len(bank), "methods": agg["methods"]}
+    if summary["methods"]:
+        plot_mi_curves({m: v["dataset_curve"] for m, v in summary["methods"].items()},
+                       out / "figures" / "dataset_mi_curves.png", title=f"dataset MI dynamics ({agg['images']} images)")
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out / "summary.json", summary)
+    if summary["unreadable"]:
+        warnings.warn(f"{len(summary['unreadable'])} unreadable image(s) skipped; listed in summary.json",
+                      RuntimeWarning, stacklevel=2)
+    return summary
+
+
+def _list_classes(root):
+    """The ImageFolder listing of `root`, with a clear error when it has no class folders."""
+    from .images import list_image_folder
+
+    root_path = Path(root)
+    if root_path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in root_path.iterdir()):
+        raise ValueError(f"{str(root)!r} has no class sub-folders; use the ImageFolder layout root/<class>/<image>")
+    listing = list_image_folder(root, labelled=True)
+    if not listing.classes:
+        raise ValueError(f"{str(root)!r} has no class sub-folders; use the ImageFolder layout root/<class>/<image>")
+    return listing
+
+
+def _stamp(p: Path) -> list:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+class _RecordStore:
+    """The per-image JSON files of a dataset run: output/images/<class>/<file>.json."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def path(self, p: Path, c: str) -> Path:
+        return self.out / "images" / safe_name(c) / (safe_name(p.name) + ".json")
+
+    def read(self, p: Path, c: str):
+        return read_json(self.path(p, c))
+
+    def write(self, p: Path, c: str, rec: dict) -> None:
+        atomic_write_json(self.path(p, c), rec, indent=1)
+
+    def done(self, p: Path, c: str) -> bool:
+        rec = self.read(p, c)
+        if rec is None:
+            return False
+        # an unreadable file's marker holds only while the file is unchanged
+        return "unreadable" not in rec or rec.get("stamp") == _stamp(p)
+
+
+def _write_class(store: _RecordStore, c: str, loaded, exp: MutualExplanation, methods, figures: int) -> int:
+    """Each explained image's record, and figures for the first `figures` of them; returns
+    the number of records written."""
+    figdir = store.out / "figures"
+    for b, ((p, _), rec) in enumerate(zip(loaded, exp.records)):
+        rec = dict(rec, image=str(p), class_folder=c)
+        store.write(p, c, rec)
+        if b < figures:
+            stem = f"{safe_name(c)}__{safe_name(p.stem)}"
+            for m in methods:
+                plot_parts(exp.visual.images[b], exp.visual.parts[m].pixel_parts[b], rec, m,
+                           figdir / f"{stem}__{m}_parts.png", title=f"{c}: predicted {rec['predicted_class']}")
+            plot_concept_sets(rec["methods"][methods[0]]["concept_sets"], figdir / f"{stem}__concept_sets.png",
+                              title=f"{c} ({methods[0]}): vision vs language concepts")
+    return len(exp.records)
+
+
+def _aggregate(listing, store: _RecordStore, methods) -> dict:
+    """Over every image that has a record (this run's and earlier runs'): "images" (with
+    results), "unreadable" (path, error), "empty_foreground" and per method ("methods") the
+    dataset curve, its AUC and the mean MI."""
     unreadable = {str(p): e for p, e in listing.skipped}
     curves = {m: [] for m in methods}
     mis = {m: [] for m in methods}
     empty_fg = 0
     records = 0
     for p, c in listing.items:
-        rec = _read_record(json_path(p, c))
+        rec = store.read(p, c)
         if rec is None:
             continue
         if "unreadable" in rec:
@@ -598,145 +652,11 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
             if m in rec.get("methods", {}):
                 curves[m].append(rec["methods"][m]["mi_curve"])
                 mis[m].append(rec["methods"][m]["mi"])
-    summary = {"root": str(root), "output": str(out), "classes": len(listing.classes),
-               "images_listed": len(listing.items), "images_with_results": records,
-               "processed_this_run": processed, "resumed": resumed,
-               "unreadable": [{"path": p, "error": e} for p, e in unreadable.items()],
-               "empty_classes": listing.empty_classes, "empty_foreground": int(empty_fg),
-               "language_from": language_from, "descriptors": len(bank), "methods": {}}
+    per_method = {}
     for m in methods:
         if curves[m]:
             dc = dataset_curve(curves[m])
-            summary["methods"][m] = {"images": len(curves[m]), "mi": float(np.mean(mis[m])),
-                                     "dataset_curve": [float(x) for x in dc], "auc": curve_auc(dc)}
-    if summary["methods"]:
-        plot_mi_curves({m: v["dataset_curve"] for m, v in summary["methods"].items()},
-                       out / "figures" / "dataset_mi_curves.png", title=f"dataset MI dynamics ({records} images)")
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    _write_json(out / "summary.json", summary)
-    if unreadable:
-        warnings.warn(f"{len(unreadable)} unreadable image(s) skipped; listed in summary.json",
-                      RuntimeWarning, stacklevel=2)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------
-# CLI and demo
-# ----------------------------------------------------------------------------------------
-
-def _cmd_explain(args) -> int:
-    from .models import load_clip
-
-    torch.manual_seed(args.seed)
-    model, preprocess, tokenizer = load_clip(args.model_name, args.pretrained, device=args.device,
-                                             checkpoint=args.checkpoint)
-    descriptors = args.descriptors or _demo_descriptor_path()
-    summary = run_dataset(args.folder, model, preprocess, tokenizer, descriptors, output=args.output,
-                          class_names=args.classes, parts=args.parts, seed=args.seed,
-                          language_from=args.language_from, figures=args.figures,
-                          progress=not args.quiet, facet=args.facet, crf=not args.no_crf,
-                          n_parts=args.n_parts, u=args.u, batch_size=args.batch_size)
-    print(f"mutual: {summary['images_with_results']} images with results "
-          f"({summary['processed_this_run']} this run, {summary['resumed']} resumed, "
-          f"{len(summary['unreadable'])} unreadable, empty classes: {summary['empty_classes'] or 'none'})")
-    for m, v in summary["methods"].items():
-        print(f"  {m:7s} MI {v['mi']:.4f}  AUC {v['auc']:.4f}  ({v['images']} images)")
-    print(f"results in {args.output} (summary.json, images/, figures/)")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Adds `fastinterp mutual explain FOLDER ...`."""
-    from .cli import add_model_args
-
-    group = subparsers.add_parser("mutual", help="mutual knowledge of CLIP's image and text encoders")
-    sub = group.add_subparsers(dest="mutual_command", required=True)
-    p = sub.add_parser("explain", help="explain every image of an ImageFolder; MI curves and AUC")
-    p.add_argument("folder", help="image folder, ImageFolder layout: FOLDER/<class>/<image>")
-    add_model_args(p)
-    p.add_argument("--descriptors", default=None,
-                   help="descriptor bank: .txt (one per line) or .json (class -> descriptors); "
-                        "default: the small built-in demo list")
-    p.add_argument("--classes", default=None,
-                   help="class names: .txt (one per class folder, sorted order) or .json (folder -> name); "
-                        "default: the folder names")
-    p.add_argument("--output", default="mutual-out", help="output folder (default: mutual-out)")
-    p.add_argument("--parts", default="both", choices=["pca", "kmeans", "both"])
-    p.add_argument("--n-parts", type=int, default=5)
-    p.add_argument("--facet", default="tokens", choices=["tokens", "keys"])
-    p.add_argument("--language-from", default="predicted", choices=["predicted", "label"],
-                   help="D_y from the zero-shot prediction (paper) or the ground-truth class")
-    p.add_argument("--u", type=int, default=50, help="size of D_y for the MI (default 50)")
-    p.add_argument("--no-crf", action="store_true", help="skip the dense-CRF refinement")
-    p.add_argument("--figures", type=int, default=1, help="part figures per class (default 1)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_explain)
-
-
-def _demo_descriptor_path():
-    from importlib import resources
-
-    return resources.files("fastinterp.data").joinpath("demo_descriptors.txt")
-
-
-def demo_descriptors() -> ConceptDictionary:
-    """The built-in small class-agnostic descriptor list."""
-    text = _demo_descriptor_path().read_text(encoding="utf-8")
-    return ConceptDictionary(text.splitlines(), name="demo_descriptors")
-
-
-DEMO_CLASSES = {"astronaut": "astronaut", "coffee": "cup of coffee", "chelsea": "cat", "rocket": "rocket"}
-
-
-def demo_section(ctx) -> str:
-    """`fastinterp demo` section: the demo photos as one batch, both part methods."""
-    t0 = time.perf_counter()
-    names = list(ctx.images)
-    class_names = [DEMO_CLASSES.get(n, n) for n in names]
-    exp = explain(ctx.model, ctx.preprocess, ctx.tokenizer, [ctx.images[n] for n in names], class_names,
-                  demo_descriptors(), labels=list(range(len(names))), parts="both", seed=ctx.seed,
-                  cache_dir=ctx.output / "cache")
-    elapsed = time.perf_counter() - t0
-    curves, lines = {}, []
-    for m in PART_METHODS:
-        cs = [r["methods"][m]["mi_curve"] for r in exp.records]
-        dc = dataset_curve(cs)
-        curves[m] = dc
-        lines.append(f"- {m}: dataset MI {np.mean([r['methods'][m]['mi'] for r in exp.records]):.4f}, "
-                     f"AUC {curve_auc(dc):.4f}")
-    plot_mi_curves(curves, ctx.output / "mutual_mi_curves.png", title="MI dynamics (demo photos)")
-    b = max(range(len(names)), key=lambda i: exp.records[i]["foreground_patches"])
-    plot_parts(exp.visual.images[b], exp.visual.parts["pca"].pixel_parts[b], exp.records[b], "pca",
-               ctx.output / "mutual_parts.png", title=f"{names[b]}: predicted {exp.records[b]['predicted_class']}")
-    plot_concept_sets(exp.records[b]["methods"]["pca"]["concept_sets"], ctx.output / "mutual_concept_sets.png")
-    ctx.results["mutual"] = {
-        "images": names,
-        "seconds": round(elapsed, 2),
-        "per_image": {n: {"predicted": r["predicted_class"], "foreground_patches": r["foreground_patches"],
-                          **{m: {"mi": r["methods"][m]["mi"], "auc": r["methods"][m]["auc"],
-                                 "vision_concepts": r["methods"][m]["vision_concepts"]} for m in PART_METHODS}}
-                      for n, r in zip(names, exp.records)},
-        "dataset": {m: {"curve": [float(x) for x in curves[m]], "auc": curve_auc(curves[m])} for m in PART_METHODS},
-    }
-    rows = [f"| {n} | {r['predicted_class']} | {r['foreground_patches']} | "
-            + " | ".join(f"{r['methods'][m]['mi']:.3f} / {r['methods'][m]['auc']:.3f}" for m in PART_METHODS)
-            + f" | {', '.join(r['methods']['pca']['vision_concepts'][:3]) or '-'} |"
-            for n, r in zip(names, exp.records)]
-    return "\n".join([
-        "## Mutual knowledge",
-        "",
-        f"The {len(names)} demo photos as one batch: foreground by the second singular vector, "
-        f"5 parts by PCA and K-means, visual prompts, {len(exp.descriptors)} built-in descriptors, "
-        f"MI dynamics ({elapsed:.1f} s). With random weights the concepts are noise; the point is "
-        "that every step runs.",
-        "",
-        "| photo | predicted | fg patches | MI / AUC (pca) | MI / AUC (kmeans) | top vision concepts (pca) |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        *lines,
-        "",
-        "![parts](mutual_parts.png) ![MI curves](mutual_mi_curves.png) ![concept sets](mutual_concept_sets.png)",
-    ])
+            per_method[m] = {"images": len(curves[m]), "mi": float(np.mean(mis[m])),
+                             "dataset_curve": [float(x) for x in dc], "auc": curve_auc(dc)}
+    return {"images": records, "unreadable": [{"path": p, "error": e} for p, e in unreadable.items()],
+            "empty_foreground": int(empty_fg), "methods": per_method}

@@ -12,6 +12,7 @@ Head sets (from a table with one row per scored head: layer, head, ccs[, label])
 - any explicit named head lists.
 All sets are evaluated in one `fastinterp.ablation.masked_forward` pass per image batch.
 Outputs: results.json (resumable), results.csv, results.md and accuracy.png.
+The `fastinterp ccs prune` command and the demo section are in `fastinterp.cli.ccs`.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .ablation import MODES, head_set_masks, parse_head
+from .ablation import MODES, head_set_masks
+from .io import atomic_open, atomic_write_json, atomic_write_text
+from .vit import parse_head
 
 __all__ = [
     "HeadSet",
-    "add_prune_cli",
     "encode_under_masks",
     "max_skew_under_masks",
     "retrieval_under_masks",
@@ -347,10 +349,8 @@ def write_results(rows, output, *, run=None) -> dict:
     """results.json (with the run key, for resuming), results.csv, results.md, accuracy.png."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    tmp = output / "results.json.tmp"
-    tmp.write_text(json.dumps({"run": run, "rows": rows, "summary": summarise(rows)}, indent=2), encoding="utf-8")
-    tmp.replace(output / "results.json")
-    with (output / "results.csv").open("w", newline="", encoding="utf-8") as fh:
+    atomic_write_json(output / "results.json", {"run": run, "rows": rows, "summary": summarise(rows)}, indent=2)
+    with atomic_open(output / "results.csv", "w") as fh:
         w = csv.writer(fh)
         w.writerow(["name", "kind", "seed", "n_heads", "accuracy", "drop", "heads"])
         for r in rows:
@@ -364,7 +364,7 @@ def write_results(rows, output, *, run=None) -> dict:
         lines += ["", "| averaged over seeds | heads | mean top-1 (%) | std |", "|---|---:|---:|---:|"]
         for s in summary:
             lines.append(f"| {s['name']} | {s['n_heads']} | {s['mean']:.2f} | {s['std']:.2f} |")
-    (output / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(output / "results.md", "\n".join(lines) + "\n")
     plot_results(rows, output / "accuracy.png")
     return {"json": output / "results.json", "csv": output / "results.csv", "md": output / "results.md",
             "png": output / "accuracy.png"}
@@ -372,14 +372,12 @@ def write_results(rows, output, *, run=None) -> dict:
 
 def plot_results(rows, path) -> Path:
     """Bar chart: top-1 accuracy per head set (seeded kinds as mean +- std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     summary = summarise(rows)
     names = [s["name"] for s in summary]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.6))
+    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.6))
+    ax = fig.subplots()
     colors = ["#555555" if n == "original" else "#c0392b" if n.startswith("high") else
               "#2980b9" if n.startswith("low") else "#7f8c8d" for n in names]
     ax.bar(range(len(names)), [s["mean"] for s in summary], yerr=[s["std"] for s in summary],
@@ -391,168 +389,4 @@ def plot_results(rows, path) -> Path:
     ax.set_title("accuracy after pruning each head set")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
-
-
-# --------------------------------------------------------------------------------------
-# CLI: `fastinterp ccs prune`
-# --------------------------------------------------------------------------------------
-def _parse_explicit(values) -> dict:
-    out = {}
-    for i, v in enumerate(values or []):
-        name, sep, heads = v.partition("=")
-        if not sep:
-            name, heads = f"heads-{i + 1}", v
-        heads = [h for h in heads.replace(";", ",").replace(" ", ",").split(",") if h.strip()]
-        if not heads:
-            raise ValueError(f"--heads {v!r} lists no heads; write NAME=L11.H0,L10.H5")
-        out[name.strip()] = [parse_head(h) for h in heads]
-    return out
-
-
-def cmd_prune(args) -> int:
-    from .models import load_clip
-    from .zeroshot import read_templates
-
-    table = read_ccs_table(args.ccs) if args.ccs else None
-    explicit = _parse_explicit(args.heads)
-    sets = build_head_sets(table, seeds=tuple(range(args.seeds)), high_min=args.high_min, low_max=args.low_max,
-                           concepts=args.concept or (), explicit=explicit)
-    from .images import list_image_folder
-
-    list_image_folder(args.images, labelled=True)  # a clear error for missing/empty folders, before loading the model
-    model, preprocess, tokenizer = load_clip(args.model_name, args.pretrained, device=args.device,
-                                             checkpoint=args.checkpoint)
-    templates = read_templates(args.templates) if args.templates else None
-    rows = run_pruning(model, preprocess, tokenizer, args.images, sets, output=args.output, mode=args.mode,
-                       templates=templates, batch_size=args.batch_size, progress=not args.quiet)
-    print(Path(args.output, "results.md").read_text(encoding="utf-8"))
-    print(f"results written to {args.output} (results.json, results.csv, results.md, accuracy.png); "
-          f"{len(rows)} head sets")
-    return 0
-
-
-def add_prune_cli(ccs_subparsers) -> None:
-    """Add the `prune` sub-command to the `fastinterp ccs` group's sub-parsers."""
-    from .cli import add_model_args
-
-    p = ccs_subparsers.add_parser(
-        "prune", help="prune head sets (high/low/random/equal-count/concept CCS heads) and measure "
-                      "zero-shot accuracy over an ImageFolder")
-    add_model_args(p)
-    p.add_argument("--ccs", default=None, help="CCS results table (CSV or JSON with columns layer, head, ccs[, label])")
-    p.add_argument("--heads", action="append", metavar="NAME=L11.H0,L10.H5",
-                   help="an explicit head set to prune (repeatable)")
-    p.add_argument("--images", required=True, help="ImageFolder root: <root>/<class name>/*.jpg")
-    p.add_argument("--output", default="fastinterp-prune", help="output folder (default: fastinterp-prune)")
-    p.add_argument("--mode", choices=MODES, default="zero",
-                   help="zero: remove the head output (CCS pruning); mean: replace it by its dataset mean")
-    p.add_argument("--seeds", type=int, default=3, help="random / equal-count draws (default 3)")
-    p.add_argument("--high-min", type=float, default=5, help="CCS >= this is 'high' (default 5)")
-    p.add_argument("--low-max", type=float, default=1, help="CCS <= this is 'low' (default 1)")
-    p.add_argument("--concept", action="append", help="also prune the heads whose label contains this (repeatable)")
-    p.add_argument("--templates", default=None, help="prompt templates file, one per line with '{}' (default: built-in)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_prune)
-
-
-# --------------------------------------------------------------------------------------
-# `fastinterp demo` section
-# --------------------------------------------------------------------------------------
-def _demo_table(ctx):
-    """CCS rows from the demo's CCS section when it left some (list of dicts with layer,
-    head, ccs), else None."""
-    ccs = ctx.results.get("ccs")
-    rows = ccs.get("heads") if isinstance(ccs, dict) else ccs
-    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and {"head", "ccs"} <= set(r) for r in rows)):
-        return None
-    out = []
-    for r in rows:
-        layer, head = (int(r["layer"]), int(r["head"])) if "layer" in r else parse_head(r["head"])
-        out.append({"layer": layer, "head": head, "ccs": float(r["ccs"]), "label": str(r.get("label", ""))})
-    return out
-
-
-def demo_section(ctx) -> str:
-    """Head pruning on the demo photos: all single-head ablations of the last 4 layers in one
-    pass (checked against the reference pruning and timed against it), then zero-shot
-    accuracy over the photos (class = photo name) with head sets pruned."""
-    import time
-
-    import torch.nn.functional as F
-
-    from .ablation import masked_forward, single_head_ablations
-    from .reference import ablation as ref
-    from .zeroshot import text_classifier, top1_accuracy
-
-    model, info = ctx.model, ctx.info
-    device = next(model.parameters()).device
-    names = list(ctx.images)
-    images = torch.stack([ctx.preprocess(im) for im in ctx.images.values()]).to(device)
-    layers = list(range(max(0, info.layers - 4), info.layers))
-
-    t0 = time.perf_counter()
-    emb, heads = single_head_ablations(model, images, layers)
-    ours_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    expect = torch.stack([ref.pruned_encode(model, images, [h], copy_model=False) for h in heads])
-    ref_s = time.perf_counter() - t0
-    max_diff = float((emb - expect).abs().max())
-
-    with torch.no_grad():
-        base = model.encode_image(images, normalize=False)
-    # effect of each head: 1 - cosine(ablated, unablated) averaged over the photos
-    effect = (1 - F.cosine_similarity(emb.float(), base.float()[None], dim=-1)).mean(-1)
-    order = effect.argsort(descending=True).tolist()
-
-    table = _demo_table(ctx)
-    k = min(3, len(heads))
-    if table is not None:
-        sets = build_head_sets(table, seeds=(0, 1, 2))
-        source = "the CCS section's table"
-    else:
-        gen = random.Random(ctx.seed)
-        sets = [HeadSet(name="original", kind="original", seed=None, heads=[]),
-                HeadSet(name=f"top-{k} effect", kind="explicit", seed=None, heads=sorted(heads[i] for i in order[:k])),
-                HeadSet(name=f"bottom-{k} effect", kind="explicit", seed=None,
-                        heads=sorted(heads[i] for i in order[-k:]))]
-        for s in range(3):
-            sets.append(HeadSet(name=f"random-s{s}", kind="random", seed=s, heads=sorted(gen.sample(heads, k))))
-        source = "the single-head ablation effects (no CCS table in this demo run)"
-    masks = head_set_masks((info.layers, info.heads), [s["heads"] for s in sets])
-    classes = ["cat" if n == "chelsea" else n for n in names]
-    classifier = text_classifier(model, ctx.tokenizer, classes, device=device)
-    accs = top1_accuracy(masked_forward(model, images, masks), classifier, list(range(len(names)))).tolist()
-    base_acc = accs[0]
-    rows = [{"name": s["name"], "kind": s["kind"], "seed": s["seed"], "n_heads": len(s["heads"]),
-             "heads": [list(h) for h in s["heads"]], "accuracy": a, "drop": base_acc - a, "n_images": len(names)}
-            for s, a in zip(sets, accs)]
-    out = ctx.output / "pruning"
-    write_results(rows, out, run={"demo": True, "model": getattr(model, "fastinterp_name", "")})
-
-    top = [{"head": f"L{heads[i][0]}.H{heads[i][1]}", "effect": round(float(effect[i]), 5)} for i in order[:5]]
-    ctx.results["pruning"] = {
-        "single_head_ablations": len(heads), "images": len(names), "ours_s": round(ours_s, 4),
-        "reference_s": round(ref_s, 4), "max_abs_diff_vs_reference": max_diff, "most_influential_heads": top,
-        "head_set_source": source,
-        "accuracy": {r["name"]: round(r["accuracy"], 2) for r in rows},
-    }
-    lines = [
-        "## Head pruning",
-        "",
-        f"All {len(heads)} single-head ablations of layers {layers[0]}-{layers[-1]} on the {len(names)} photos in one "
-        f"`masked_forward` pass: {ours_s:.2f} s, vs {ref_s:.2f} s for {len(heads)} separate forwards with the "
-        f"head's query rows and out_proj columns zeroed (the reference pruning); max |difference| {max_diff:.1e}.",
-        "",
-        "Most influential heads (1 - cosine to the unablated embedding, mean over photos): "
-        + ", ".join(f"{t['head']} ({t['effect']:.4f})" for t in top) + ".",
-        "",
-        f"Zero-shot top-1 over the photos (class = photo name, prompt ensemble) with head sets from {source}:",
-        "",
-        (out / "results.md").read_text(encoding="utf-8").strip(),
-        "",
-        "![accuracy after pruning](pruning/accuracy.png)",
-    ]
-    return "\n".join(lines)

@@ -238,9 +238,9 @@ def test_prune_subcommand_is_wired():
 
 
 def test_demo_section(tiny_clip, tmp_path):
-    from fastinterp.ccs import demo_section
+    from fastinterp.cli.ccs import demo_section
     from fastinterp.concepts import ConceptDictionary
-    from fastinterp.demo import DemoContext
+    from fastinterp.cli.demo import DemoContext
     from fastinterp.images import demo_images
     from fastinterp.models import vit_info
 

@@ -359,14 +359,15 @@ def test_cli_mutual_explain(tmp_path, capsys):
 
 
 def test_demo_section(tiny_clip, tmp_path):
-    from fastinterp.demo import DemoContext, SECTIONS
+    from fastinterp.cli import mutual as mutual_cli
+    from fastinterp.cli.demo import DemoContext, SECTIONS
 
-    assert "fastinterp.mutual:demo_section" in SECTIONS
+    assert "fastinterp.cli.mutual:demo_section" in SECTIONS
     model, preprocess, tokenizer = tiny_clip
     words = ConceptDictionary.builtin("demo")
     ctx = DemoContext(model, preprocess, tokenizer, fastinterp.vit_info(model), words,
                       words.encode(model, tokenizer, progress=False), demo_images(), tmp_path, 0)
-    md = mutual.demo_section(ctx)
+    md = mutual_cli.demo_section(ctx)
     assert md.startswith("## Mutual knowledge") and "| astronaut |" in md
     res = ctx.results["mutual"]
     for m in ("pca", "kmeans"):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from fastinterp.ablation import head_set_masks
-from fastinterp.pruning import add_prune_cli, build_head_sets, read_ccs_table, run_pruning
+from fastinterp.cli.ccs import add_prune_cli
+from fastinterp.pruning import build_head_sets, read_ccs_table, run_pruning
 from fastinterp.zeroshot import evaluate_image_folder
 
 TABLE = [  # (layer, head, ccs, label)
@@ -177,7 +178,7 @@ def test_read_ccs_table_head_keys_in_one_column(tmp_path):
 
 def _demo_ctx(tiny_clip, tmp_path, results):
     from fastinterp.concepts import ConceptDictionary
-    from fastinterp.demo import DemoContext
+    from fastinterp.cli.demo import DemoContext
     from fastinterp.images import demo_images
     from fastinterp.models import vit_info
 
@@ -188,7 +189,7 @@ def _demo_ctx(tiny_clip, tmp_path, results):
 
 
 def test_demo_section(tiny_clip, tmp_path):
-    from fastinterp.pruning import demo_section
+    from fastinterp.cli.ccs import prune_demo_section as demo_section
 
     ctx = _demo_ctx(tiny_clip, tmp_path, {})
     text = demo_section(ctx)

@@ -1,0 +1,343 @@
+"""`fastinterp ccs textspan|label|score|prune` and the CCS and head-pruning sections of
+`fastinterp demo`."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..ablation import MODES, head_set_masks
+from ..ccs import describe_heads, label_heads, read_descriptions, read_labels, run_ccs, score_heads, write_results
+from ..pruning import HeadSet, build_head_sets, read_ccs_table, run_pruning
+from ..pruning import write_results as write_pruning_results
+from ..vit import parse_head
+from .common import add_model_args, load_model
+
+
+def _key(layer: int, head: int) -> str:
+    return f"L{layer}.H{head}"
+
+
+# --------------------------------------------------------------------------------------
+# ccs textspan | label | score
+# --------------------------------------------------------------------------------------
+def _labeller_from_args(args):
+    from ..llm import ClipLabeller, LLMLabeller, OpenAIChat
+
+    if args.labeller == "openai":
+        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        client = OpenAIChat(args.base_url, args.llm_model, key, timeout=args.timeout, max_retries=args.retries,
+                            backoff=args.backoff)
+        return LLMLabeller(client)
+    from ..concepts import ConceptDictionary
+
+    model, _, tokenizer = load_model(args)
+    vocab = ConceptDictionary.from_file(args.vocabulary) if args.vocabulary else ConceptDictionary.builtin("demo")
+    return ClipLabeller(model, tokenizer, vocab, threshold=args.threshold, progress=not args.quiet)
+
+
+def _add_labeller_args(p) -> None:
+    add_model_args(p)
+    p.add_argument("--output", required=True, help="the folder `fastinterp ccs textspan` wrote")
+    p.add_argument("--labeller", choices=("openai", "clip"), default="openai",
+                   help="openai: an OpenAI-compatible chat endpoint (the paper's LLM steps); clip: offline CLIP "
+                        "text similarity to a vocabulary (default: openai)")
+    p.add_argument("--base-url", default=None, help="chat endpoint root (default: $FASTINTERP_LLM_BASE_URL, "
+                                                    "$OPENAI_BASE_URL, https://api.openai.com/v1)")
+    p.add_argument("--llm-model", default=None, help="LLM name (default: $FASTINTERP_LLM_MODEL or gpt-4o)")
+    p.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the API key (default: $FASTINTERP_LLM_API_KEY / $OPENAI_API_KEY)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per LLM request (default 60)")
+    p.add_argument("--retries", type=int, default=3, help="retries per LLM request (default 3)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each retry")
+    p.add_argument("--vocabulary", default=None, help="clip labeller: concept file, one per line (default: built-in demo list)")
+    p.add_argument("--threshold", type=float, default=0.3, help="clip labeller: centred-cosine threshold for 'consistent'")
+    p.add_argument("--heads", nargs="+", default=None, metavar="L11.H0", help="only these heads (default: all described)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_textspan(args) -> int:
+    from ..images import list_image_folder
+    from ..textspan import builtin_text_bank, read_text_bank
+    from ..vit import vit_info
+
+    listing = list_image_folder(args.images)  # clear errors for missing / empty folders
+    texts = read_text_bank(args.texts) if args.texts else builtin_text_bank()
+    model, preprocess, tokenizer = load_model(args)
+    n_layers = vit_info(model).layers
+    if args.layers:
+        layers = [int(v) for v in args.layers.split(",") if v.strip()]
+    else:
+        if not 1 <= args.last_layers <= n_layers:
+            raise IndexError(f"--last-layers {args.last_layers} is out of range for a ViT with {n_layers} layers")
+        layers = list(range(n_layers - args.last_layers, n_layers))
+    records = describe_heads(model, [p for p, _ in listing.items], texts, tokenizer=tokenizer, preprocess=preprocess,
+                             layers=layers, n_texts=args.n_texts, rank=args.rank, batch_size=args.batch_size,
+                             output=args.output, progress=not args.quiet)
+    print(f"{len(records)} heads described from {len(listing.items)} images and {len(texts)} texts; "
+          f"written to {os.path.join(args.output, 'descriptions.json')} (and descriptions.txt)")
+    return 0
+
+
+def cmd_label(args) -> int:
+    records = read_descriptions(args.output)
+    labeller = _labeller_from_args(args)
+    labels = label_heads(records, labeller, output=args.output, heads=args.heads, progress=not args.quiet)
+    for k, v in labels.items():
+        print(f"{k}\t{v}")
+    print(f"{len(labels)} labels written to {os.path.join(args.output, 'labels.json')}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    records = read_descriptions(args.output)
+    labels = read_labels(args.output)
+    labeller = _labeller_from_args(args)
+    scores = score_heads(records, labels, labeller, output=args.output, heads=args.heads, progress=not args.quiet)
+    summary = write_results(scores, args.output, meta={"labeller": repr(labeller)})
+    for s in scores:
+        print(f"{_key(s.layer, s.head)}\t{s.label}\tCCS={s.ccs}\t{s.bucket}")
+    print("CCS@K: " + ", ".join(f"{k}: {v:.3f}" for k, v in summary["ccs_at_k"].items()))
+    print(f"results written to {os.path.join(args.output, 'ccs.csv')} and ccs.json")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# ccs prune
+# --------------------------------------------------------------------------------------
+def _parse_explicit(values) -> dict:
+    out = {}
+    for i, v in enumerate(values or []):
+        name, sep, heads = v.partition("=")
+        if not sep:
+            name, heads = f"heads-{i + 1}", v
+        heads = [h for h in heads.replace(";", ",").replace(" ", ",").split(",") if h.strip()]
+        if not heads:
+            raise ValueError(f"--heads {v!r} lists no heads; write NAME=L11.H0,L10.H5")
+        out[name.strip()] = [parse_head(h) for h in heads]
+    return out
+
+
+def cmd_prune(args) -> int:
+    from ..images import list_image_folder
+    from ..zeroshot import read_templates
+
+    table = read_ccs_table(args.ccs) if args.ccs else None
+    explicit = _parse_explicit(args.heads)
+    sets = build_head_sets(table, seeds=tuple(range(args.seeds)), high_min=args.high_min, low_max=args.low_max,
+                           concepts=args.concept or (), explicit=explicit)
+    list_image_folder(args.images, labelled=True)  # a clear error for missing/empty folders, before loading the model
+    model, preprocess, tokenizer = load_model(args)
+    templates = read_templates(args.templates) if args.templates else None
+    rows = run_pruning(model, preprocess, tokenizer, args.images, sets, output=args.output, mode=args.mode,
+                       templates=templates, batch_size=args.batch_size, progress=not args.quiet)
+    print(Path(args.output, "results.md").read_text(encoding="utf-8"))
+    print(f"results written to {args.output} (results.json, results.csv, results.md, accuracy.png); "
+          f"{len(rows)} head sets")
+    return 0
+
+
+def add_prune_cli(ccs_subparsers) -> None:
+    """Add the `prune` sub-command to the `fastinterp ccs` group's sub-parsers."""
+    p = ccs_subparsers.add_parser(
+        "prune", help="prune head sets (high/low/random/equal-count/concept CCS heads) and measure "
+                      "zero-shot accuracy over an ImageFolder")
+    add_model_args(p)
+    p.add_argument("--ccs", default=None, help="CCS results table (CSV or JSON with columns layer, head, ccs[, label])")
+    p.add_argument("--heads", action="append", metavar="NAME=L11.H0,L10.H5",
+                   help="an explicit head set to prune (repeatable)")
+    p.add_argument("--images", required=True, help="ImageFolder root: <root>/<class name>/*.jpg")
+    p.add_argument("--output", default="fastinterp-prune", help="output folder (default: fastinterp-prune)")
+    p.add_argument("--mode", choices=MODES, default="zero",
+                   help="zero: remove the head output (CCS pruning); mean: replace it by its dataset mean")
+    p.add_argument("--seeds", type=int, default=3, help="random / equal-count draws (default 3)")
+    p.add_argument("--high-min", type=float, default=5, help="CCS >= this is 'high' (default 5)")
+    p.add_argument("--low-max", type=float, default=1, help="CCS <= this is 'low' (default 1)")
+    p.add_argument("--concept", action="append", help="also prune the heads whose label contains this (repeatable)")
+    p.add_argument("--templates", default=None, help="prompt templates file, one per line with '{}' (default: built-in)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+
+def register(sub) -> None:
+    """`fastinterp ccs textspan|label|score|prune`."""
+    ccs = sub.add_parser("ccs", help="concept consistency of attention heads (TextSpan, LLM labels, CCS)")
+    csub = ccs.add_subparsers(dest="ccs_command", required=True)
+    p = csub.add_parser("textspan", help="per-head TextSpan descriptions over an image folder")
+    add_model_args(p)
+    p.add_argument("--images", required=True, help="image folder (any layout; sub-folders are searched)")
+    p.add_argument("--texts", default=None, help="text bank, one description per line (default: built-in list)")
+    p.add_argument("--last-layers", type=int, default=4, help="describe the heads of the last N layers (default 4)")
+    p.add_argument("--layers", default=None, help="explicit comma-separated layers instead, e.g. 8,9,10,11")
+    p.add_argument("--n-texts", type=int, default=5, help="descriptions per head (default 5)")
+    p.add_argument("--rank", type=int, default=80, help="TextSpan subspace rank (default 80)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", required=True, help="output folder (resumable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_textspan)
+    p = csub.add_parser("label", help="label each head from its descriptions (LLM or offline CLIP labeller)")
+    _add_labeller_args(p)
+    p.set_defaults(func=cmd_label)
+    p = csub.add_parser("score", help="judge each (description, label); CCS per head, CCS@K, buckets")
+    _add_labeller_args(p)
+    p.set_defaults(func=cmd_score)
+    add_prune_cli(csub)
+
+
+# --------------------------------------------------------------------------------------
+# `fastinterp demo` sections
+# --------------------------------------------------------------------------------------
+def _views(images: dict) -> list:
+    """Each demo photo, mirrored, and two crops: 4 views per photo."""
+    from PIL import Image
+
+    out = []
+    for im in images.values():
+        w, h = im.size
+        out += [im, im.transpose(Image.FLIP_LEFT_RIGHT), im.crop((0, 0, int(w * 0.7), int(h * 0.7))),
+                im.crop((int(w * 0.2), int(h * 0.2), w, h))]
+    return out
+
+
+def demo_section(ctx) -> str:
+    """CCS on the demo photos: TextSpan over the built-in text bank for the last 2 layers,
+    the offline CLIP labeller with the demo concept list, CCS per head."""
+    import shutil
+
+    from ..llm import ClipLabeller
+    from ..textspan import builtin_text_bank
+
+    out = ctx.output / "ccs"
+    shutil.rmtree(out, ignore_errors=True)  # the demo always starts fresh (other seed / model)
+    views = _views(ctx.images)
+    n_layers = ctx.info.layers
+    layers = list(range(max(0, n_layers - 2), n_layers))
+    records = describe_heads(ctx.model, views, builtin_text_bank(), tokenizer=ctx.tokenizer, preprocess=ctx.preprocess,
+                             layers=layers, n_texts=5, rank=80, batch_size=8, output=out, progress=False)
+    labeller = ClipLabeller(ctx.model, ctx.tokenizer, ctx.dictionary, cache_dir=ctx.output / "cache")
+    scores, summary = run_ccs(records, labeller, output=out, progress=False)
+    ctx.results["ccs"] = {"layers": layers, "images": len(views), "ccs_at_k": summary["ccs_at_k"],
+                          "bucket_counts": summary["bucket_counts"], "mean_ccs": summary["mean_ccs"],
+                          "heads": [{"head": _key(s.layer, s.head), "label": s.label, "ccs": s.ccs} for s in scores]}
+    lines = ["## CCS: concept consistency of attention heads", "",
+             f"TextSpan over {len(views)} views of the demo photos and the built-in text bank (layers {layers}, "
+             f"5 descriptions per head), labels and judgements from the offline CLIP labeller "
+             f"(threshold {labeller.threshold}). Random weights: the labels mean nothing; the whole path runs. "
+             f"Files: `ccs/descriptions.txt`, `ccs/ccs.csv`, `ccs/ccs.json`.", "",
+             "| head | label | CCS | bucket | first descriptions |", "|---|---|---|---|---|"]
+    for s in scores:
+        lines.append(f"| {_key(s.layer, s.head)} | {s.label} | {s.ccs} | {s.bucket or '-'} | "
+                     f"{'; '.join(s.descriptions[:2])} |")
+    lines += ["", "CCS@K: " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["ccs_at_k"].items())]
+    return "\n".join(lines)
+
+
+def _demo_table(ctx):
+    """CCS rows from the demo's CCS section when it left some (list of dicts with layer,
+    head, ccs), else None."""
+    ccs = ctx.results.get("ccs")
+    rows = ccs.get("heads") if isinstance(ccs, dict) else ccs
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and {"head", "ccs"} <= set(r) for r in rows)):
+        return None
+    out = []
+    for r in rows:
+        layer, head = (int(r["layer"]), int(r["head"])) if "layer" in r else parse_head(r["head"])
+        out.append({"layer": layer, "head": head, "ccs": float(r["ccs"]), "label": str(r.get("label", ""))})
+    return out
+
+
+def _single_head_effects(model, images, layers) -> dict:
+    """All single-head ablations of `layers` in one pass, checked and timed against the
+    reference pruning; each head's effect = 1 - cosine to the unablated embedding (mean over
+    the images)."""
+    import torch.nn.functional as F
+
+    from ..ablation import single_head_ablations
+    from ..reference import ablation as ref
+
+    t0 = time.perf_counter()
+    emb, heads = single_head_ablations(model, images, layers)
+    ours_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    expect = torch.stack([ref.pruned_encode(model, images, [h], copy_model=False) for h in heads])
+    ref_s = time.perf_counter() - t0
+    max_diff = float((emb - expect).abs().max())
+    with torch.no_grad():
+        base = model.encode_image(images, normalize=False)
+    effect = (1 - F.cosine_similarity(emb.float(), base.float()[None], dim=-1)).mean(-1)
+    return {"heads": heads, "effect": effect, "order": effect.argsort(descending=True).tolist(),
+            "ours_s": ours_s, "ref_s": ref_s, "max_diff": max_diff}
+
+
+def _demo_head_sets(ctx, heads, order) -> tuple[list, str]:
+    """Head sets from the CCS section's table when there is one, else from the single-head
+    effects (top-k, bottom-k, random); and where they came from."""
+    table = _demo_table(ctx)
+    if table is not None:
+        return build_head_sets(table, seeds=(0, 1, 2)), "the CCS section's table"
+    k = min(3, len(heads))
+    gen = random.Random(ctx.seed)
+    sets = [HeadSet(name="original", kind="original", seed=None, heads=[]),
+            HeadSet(name=f"top-{k} effect", kind="explicit", seed=None, heads=sorted(heads[i] for i in order[:k])),
+            HeadSet(name=f"bottom-{k} effect", kind="explicit", seed=None, heads=sorted(heads[i] for i in order[-k:]))]
+    for s in range(3):
+        sets.append(HeadSet(name=f"random-s{s}", kind="random", seed=s, heads=sorted(gen.sample(heads, k))))
+    return sets, "the single-head ablation effects (no CCS table in this demo run)"
+
+
+def prune_demo_section(ctx) -> str:
+    """Head pruning on the demo photos: all single-head ablations of the last 4 layers in one
+    pass (checked against the reference pruning and timed against it), then zero-shot
+    accuracy over the photos (class = photo name) with head sets pruned."""
+    from ..ablation import masked_forward
+    from ..zeroshot import text_classifier, top1_accuracy
+
+    model, info = ctx.model, ctx.info
+    device = next(model.parameters()).device
+    names = list(ctx.images)
+    images = torch.stack([ctx.preprocess(im) for im in ctx.images.values()]).to(device)
+    layers = list(range(max(0, info.layers - 4), info.layers))
+    fx = _single_head_effects(model, images, layers)
+    heads, effect, order = fx["heads"], fx["effect"], fx["order"]
+
+    sets, source = _demo_head_sets(ctx, heads, order)
+    masks = head_set_masks((info.layers, info.heads), [s["heads"] for s in sets])
+    classes = ["cat" if n == "chelsea" else n for n in names]
+    classifier = text_classifier(model, ctx.tokenizer, classes, device=device)
+    accs = top1_accuracy(masked_forward(model, images, masks), classifier, list(range(len(names)))).tolist()
+    base_acc = accs[0]
+    rows = [{"name": s["name"], "kind": s["kind"], "seed": s["seed"], "n_heads": len(s["heads"]),
+             "heads": [list(h) for h in s["heads"]], "accuracy": a, "drop": base_acc - a, "n_images": len(names)}
+            for s, a in zip(sets, accs)]
+    out = ctx.output / "pruning"
+    write_pruning_results(rows, out, run={"demo": True, "model": getattr(model, "fastinterp_name", "")})
+
+    top = [{"head": f"L{heads[i][0]}.H{heads[i][1]}", "effect": round(float(effect[i]), 5)} for i in order[:5]]
+    ctx.results["pruning"] = {
+        "single_head_ablations": len(heads), "images": len(names), "ours_s": round(fx["ours_s"], 4),
+        "reference_s": round(fx["ref_s"], 4), "max_abs_diff_vs_reference": fx["max_diff"],
+        "most_influential_heads": top, "head_set_source": source,
+        "accuracy": {r["name"]: round(r["accuracy"], 2) for r in rows},
+    }
+    lines = [
+        "## Head pruning",
+        "",
+        f"All {len(heads)} single-head ablations of layers {layers[0]}-{layers[-1]} on the {len(names)} photos in one "
+        f"`masked_forward` pass: {fx['ours_s']:.2f} s, vs {fx['ref_s']:.2f} s for {len(heads)} separate forwards with "
+        f"the head's query rows and out_proj columns zeroed (the reference pruning); max |difference| "
+        f"{fx['max_diff']:.1e}.",
+        "",
+        "Most influential heads (1 - cosine to the unablated embedding, mean over photos): "
+        + ", ".join(f"{t['head']} ({t['effect']:.4f})" for t in top) + ".",
+        "",
+        f"Zero-shot top-1 over the photos (class = photo name, prompt ensemble) with head sets from {source}:",
+        "",
+        (out / "results.md").read_text(encoding="utf-8").strip(),
+        "",
+        "![accuracy after pruning](pruning/accuracy.png)",
+    ]
+    return "\n".join(lines)
