@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .io import atomic_open, atomic_write_text
+from .io import atomic_open, atomic_write_json, atomic_write_text
 from .vit import check_layers, parse_head, vit_info
 
 __all__ = [
@@ -54,10 +54,6 @@ def _key(layer: int, head: int) -> str:
 
 
 parse_head_name = parse_head  # the earlier name of `fastinterp.vit.parse_head`
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def _read_json(path: Path, default):
@@ -125,10 +121,11 @@ def describe_heads(model, images, texts: Sequence[str], *, tokenizer=None, prepr
                             "indices": idx, "stds": [round(float(s), 8) for s in res.stds[li, head]]})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic({"model": getattr(model, "fastinterp_name", None),
-                            "weights": str(getattr(model, "fastinterp_weights", "")),
-                            "images": K, "texts": len(bank), "rank": rank, "n_texts": n_texts,
-                            "layers": layers, "heads": records}, out / "descriptions.json")
+        atomic_write_json(out / "descriptions.json",
+                          {"model": getattr(model, "fastinterp_name", None),
+                           "weights": str(getattr(model, "fastinterp_weights", "")),
+                           "images": K, "texts": len(bank), "rank": rank, "n_texts": n_texts,
+                           "layers": layers, "heads": records}, indent=2, ensure_ascii=False)
         lines = []
         for r in records:
             lines += ["-" * 18, f"Layer {r['layer']}, Head {r['head']}", "-" * 18, *r["descriptions"]]
@@ -194,7 +191,7 @@ def label_heads(records: Sequence[dict], labeller, *, output=None, heads=None, p
             raise CCSError(_failure("labelling", r, err, len(saved), path)) from err
         saved[key] = {"label": label, "descriptions": current[key]}
         if path is not None:
-            _write_json_atomic(saved, path)
+            atomic_write_json(path, saved, indent=2, ensure_ascii=False)
     return {k: saved[k]["label"] for k in current}
 
 
@@ -282,7 +279,7 @@ def score_heads(records: Sequence[dict], labels: dict, labeller, *, output=None,
                 raise CCSError(f"judging layer {r['layer']} head {r['head']}: judgements must be 0/1, got {judgements}")
             done[key] = prev = {"label": label, "descriptions": list(r["descriptions"]), "judgements": judgements}
             if path is not None:
-                _write_json_atomic(done, path)
+                atomic_write_json(path, done, indent=2, ensure_ascii=False)
         out.append(HeadScore(r["layer"], r["head"], label, list(r["descriptions"]), list(prev["judgements"])))
     return out
 
@@ -317,7 +314,8 @@ def write_results(scores: Sequence[HeadScore], output, *, meta: dict | None = No
         for r in rows:
             w.writerow([r["layer"], r["head"], r["label"], r["ccs"], r["bucket"],
                         " ".join(map(str, r["judgements"])), " | ".join(r["descriptions"])])
-    _write_json_atomic({"heads": rows, "summary": summary, "meta": meta or {}}, out / "ccs.json")
+    atomic_write_json(out / "ccs.json", {"heads": rows, "summary": summary, "meta": meta or {}},
+                      indent=2, ensure_ascii=False)
     return summary
 
 

@@ -58,9 +58,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 1) -> None:
+def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, ensure_ascii: bool = True) -> None:
     """JSON-encode first (an unserialisable object fails before anything is written)."""
-    text = json.dumps(obj, indent=indent)
+    text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii)
     atomic_write_text(path, text)
 
 
