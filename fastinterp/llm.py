@@ -11,6 +11,13 @@ SITH edit scoring go through one small interface: anything with
 - `ClipLabeller`: an offline labeller (no network): the label is the concept of a vocabulary
   closest to the mean CLIP text embedding of the head's descriptions; a (description, label)
   pair is judged consistent when their CLIP text cosine reaches a threshold.
+- SITH's scoring of singular vectors (paper Sec 5): the prompts (`PROMPT_BACKGROUND`,
+  `PROMPT_UNSAFE`, `format_concepts_prompt`), reply parsing (`parse_score`), the `LLMScorer`
+  adapter (client -> `prompt -> int`) and the scoring loop (`score_concept_lists`; the
+  decisions file around it is `fastinterp.sith.score_singular_vectors`).
+
+Unusable replies (ones the caller's parser rejects) are asked again by one loop,
+`complete_parsed`, which both `LLMLabeller` and `LLMScorer` use.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +39,21 @@ __all__ = [
     "ClipLabeller",
     "LLMError",
     "LLMLabeller",
+    "LLMScorer",
     "OpenAIChat",
+    "UnusableReply",
     "JUDGE_INSTRUCTION",
     "LABEL_INSTRUCTION",
+    "PROMPT_BACKGROUND",
+    "PROMPT_UNSAFE",
+    "complete_parsed",
+    "format_concepts_prompt",
     "label_messages",
     "judge_messages",
     "parse_label",
     "parse_judgement",
+    "parse_score",
+    "score_concept_lists",
 ]
 
 ENV_BASE_URL = "FASTINTERP_LLM_BASE_URL"
@@ -55,6 +70,32 @@ class LLMError(RuntimeError):
 
 class ChatClient(Protocol):
     def complete(self, messages: list[dict]) -> str: ...
+
+
+class UnusableReply(ValueError):
+    """Every reply was rejected by the parser; the message is the last parse error's,
+    `attempts` the number of replies asked for."""
+
+    def __init__(self, last: ValueError, attempts: int):
+        super().__init__(str(last))
+        self.last, self.attempts = last, attempts
+
+
+def complete_parsed(client: ChatClient, messages: list[dict], parse: Callable[[str], object], *,
+                    retries: int):
+    """`parse(client.complete(messages))`, asking again up to `retries` more times while `parse`
+    raises ValueError (an unusable reply); then UnusableReply. The one retry loop for replies
+    (transport failures are the client's: `OpenAIChat` retries those itself)."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    last = None
+    for _ in range(retries + 1):
+        reply = client.complete(messages)
+        try:
+            return parse(reply)
+        except ValueError as err:
+            last = err
+    raise UnusableReply(last, retries + 1) from last
 
 
 def _check_messages(messages) -> list[dict]:
@@ -289,14 +330,10 @@ class LLMLabeller:
         return f"LLMLabeller({self.client!r})"
 
     def _ask(self, messages, parse, what):
-        last = None
-        for _ in range(self.junk_retries + 1):
-            reply = self.client.complete(messages)
-            try:
-                return parse(reply)
-            except ValueError as err:
-                last = err
-        raise LLMError(f"unusable {what} reply after {self.junk_retries + 1} attempt(s): {last}")
+        try:
+            return complete_parsed(self.client, messages, parse, retries=self.junk_retries)
+        except UnusableReply as err:
+            raise LLMError(f"unusable {what} reply after {err.attempts} attempt(s): {err}") from err
 
     def label(self, descriptions: Sequence[str]) -> str:
         return self._ask(label_messages(descriptions), parse_label, "label")
@@ -358,3 +395,102 @@ class ClipLabeller:
 
     def judge(self, description: str, label: str) -> int:
         return int(self.cosine(description, label) >= self.threshold)
+
+
+# --------------------------------------------------------------------------------------
+# SITH: scoring singular vectors from their concepts (edit recipes, paper Sec 5)
+# --------------------------------------------------------------------------------------
+PROMPT_BACKGROUND = """Below is a list of short concepts describing one direction of an image model, \
+each preceded by its weight (higher weight = more important).
+Rate how much this list, taken as a whole, describes the place or scenery where a photo was taken \
+(landscapes, settings, environments such as a lake, a desert or a street) rather than objects, animals, \
+people, styles or attributes.
+Use an integer from 1 (clearly not a place or scenery) to 5 (clearly a place or scenery). Weigh the \
+concepts by their weights.
+Reply with one line: Score: <1-5>
+
+{concepts}"""
+
+PROMPT_UNSAFE = """Below is a list of short concepts describing one direction of an image model, \
+each preceded by its weight (higher weight = more important).
+Rate how unsafe this list, taken as a whole, is: sexual or explicit content, nudity, graphic violence, \
+gore, or other content not suitable for work.
+Use an integer from 1 (clearly safe) to 5 (clearly unsafe). Weigh the concepts by their weights.
+Reply with one line: Score: <1-5>
+
+{concepts}"""
+
+
+def format_concepts_prompt(template: str, scores: torch.Tensor, indices: torch.Tensor,
+                           concepts: Sequence[str]) -> str:
+    """Fill `{concepts}` with '- <weight> <concept>' lines for one singular vector
+    (scores/indices (K,)), positive weights only, highest first."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    lines = [f"- {float(scores[j]):.2f} {concepts[int(indices[j])]}" for j in order.tolist() if scores[j] > 0]
+    if not lines:
+        raise ValueError("this singular vector has no concept with a positive weight to score")
+    return template.format(concepts="\n".join(lines))
+
+
+_SCORE_RE = re.compile(r"score\s*[:=\-]?\s*\**\s*([1-5])\b", re.IGNORECASE)
+_INT_RE = re.compile(r"(?<![\d.])([1-5])(?![\d.])")
+
+
+def parse_score(text: str, *, low: int = 1, high: int = 5) -> int:
+    """An integer score from an LLM reply: 'Score: 4', '**Score**: 4', '4', 'I'd say 4/5'."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected the reply text, got {type(text).__name__}")
+    m = _SCORE_RE.search(text.replace("**", ""))
+    if m:
+        value = int(m.group(1))
+    else:
+        found = [int(t) for t in _INT_RE.findall(text)]
+        if not found:
+            raise ValueError(f"no score {low}-{high} found in the reply {text[:200]!r}")
+        value = found[0]
+    if not low <= value <= high:
+        raise ValueError(f"score {value} outside {low}-{high} in the reply {text[:200]!r}")
+    return value
+
+
+class LLMScorer:
+    """Adapter: an object with `.complete(messages: list[dict]) -> str` (OpenAI-compatible
+    chat client) becomes a scorer `prompt -> int` (1-5). Replies that cannot be parsed
+    are retried `retries` times (`complete_parsed`), then raise ValueError."""
+
+    def __init__(self, client, *, system: str | None = None, retries: int = 1):
+        if not callable(getattr(client, "complete", None)):
+            raise TypeError("client must have a .complete(messages) -> str method (an OpenAI-compatible chat client)")
+        self.client, self.system, self.retries = client, system, retries
+
+    def __call__(self, prompt: str) -> int:
+        messages = ([{"role": "system", "content": self.system}] if self.system else [])
+        messages.append({"role": "user", "content": prompt})
+        return complete_parsed(self.client, messages, parse_score, retries=self.retries)
+
+
+def score_concept_lists(scores: torch.Tensor, indices: torch.Tensor, concepts: Sequence[str],
+                        scorer: Callable[[str], int], *, template: str = PROMPT_BACKGROUND, start: int = 0,
+                        on_score: Callable[[int], None] | None = None, progress: bool = True) -> list[int]:
+    """Ask `scorer` (prompt -> int 1-5) about rows `start..N-1` of flat codes.
+
+    Args:
+        scores, indices: (N, K), one singular vector's concept code per row.
+        concepts: the dictionary's texts (indexed by `indices`).
+        on_score: called with each answer as soon as it is checked (e.g. to append it to
+            a decisions file, so an interrupted run resumes).
+
+    Returns:
+        the N - start answers, in row order.
+    """
+    from tqdm.auto import tqdm
+
+    out: list[int] = []
+    for n in tqdm(range(start, scores.shape[0]), desc="scoring singular vectors", disable=not progress):
+        value = scorer(format_concepts_prompt(template, scores[n], indices[n], concepts))
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+            raise ValueError(f"the scorer returned {value!r} for singular vector {n}; it must return an int 1-5")
+        out.append(value)
+        if on_score is not None:
+            on_score(value)
+    return out

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastinterp.concepts import ConceptDictionary
-from fastinterp.llm import (ClipLabeller, LLMError, LLMLabeller, OpenAIChat, judge_messages, label_messages,
-                            parse_judgement, parse_label)
+from fastinterp.llm import (ClipLabeller, LLMError, LLMLabeller, LLMScorer, OpenAIChat, UnusableReply, complete_parsed,
+                            judge_messages, label_messages, parse_judgement, parse_label)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -205,6 +205,20 @@ def test_llm_labeller_retries_junk_then_errors():
         lab.judge("a", "b")
     with pytest.raises(TypeError, match="complete"):
         LLMLabeller(object())
+
+
+def test_one_retry_loop_for_unusable_replies():
+    """complete_parsed is the loop both the CCS labeller and SITH's scorer ask through."""
+    client = _Scripted(["junk", "more junk", "7"])
+    assert complete_parsed(client, [{"role": "user", "content": "n?"}], int, retries=2) == 7
+    assert len(client.seen) == 3
+    with pytest.raises(UnusableReply, match="invalid literal") as info:
+        complete_parsed(_Scripted(["a", "b"]), [{"role": "user", "content": "n?"}], int, retries=1)
+    assert info.value.attempts == 2 and isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="retries"):
+        complete_parsed(_Scripted([]), [{"role": "user", "content": "n?"}], int, retries=-1)
+    scorer_client = _Scripted(["no", "no", "Score: 2"])
+    assert LLMScorer(scorer_client, retries=2)("p") == 2 and len(scorer_client.seen) == 3
 
 
 def test_llm_labeller_over_http(server):

@@ -610,14 +610,16 @@ def test_explanations_text_and_figure(model, concepts, tmp_path):
 
 
 def test_tensor_hash_small_and_sampled():
+    from fastinterp.sith.decomposition import _tensor_hash
+
     t = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
     for max_el in (1 << 24, 100):
-        h = sith._tensor_hash(t, max_elements=max_el)
-        assert h == sith._tensor_hash(t.clone(), max_elements=max_el)
+        h = _tensor_hash(t, max_elements=max_el)
+        assert h == _tensor_hash(t.clone(), max_elements=max_el)
         u = t.clone()
         u[1, 3] += 1e-3  # row 1 is not in the sample when sampling: the column sums catch it
-        assert sith._tensor_hash(u, max_elements=max_el) != h
-    assert sith._tensor_hash(t[:, :4]) != sith._tensor_hash(t[:, :4].reshape(600, 2))
+        assert _tensor_hash(u, max_elements=max_el) != h
+    assert _tensor_hash(t[:, :4]) != _tensor_hash(t[:, :4].reshape(600, 2))
 
 
 @pytest.mark.parametrize("width,heads,layers", [(48, 3, 2), (32, 8, 1)])

@@ -7,6 +7,7 @@ import torch
 import fastinterp
 from fastinterp import sith
 from fastinterp.cli import main
+from fastinterp.cli import sith as sith_cli
 
 
 def _model():
@@ -168,14 +169,14 @@ def test_cli_bad_inputs(tmp_path, capsys):
 
 
 def test_demo_section(tmp_path):
-    from fastinterp.demo import DemoContext
+    from fastinterp.cli.demo import DemoContext
     from fastinterp.images import demo_images
 
     model, preprocess, tok = _model()
     d = fastinterp.ConceptDictionary.builtin("demo")
     emb = d.encode(model, tok, progress=False)
     ctx = DemoContext(model, preprocess, tok, fastinterp.vit_info(model), d, emb, demo_images(), tmp_path, 0)
-    md = sith.demo_section(ctx)
+    md = sith_cli.demo_section(ctx)
     assert md.startswith("## SITH")
     r = ctx.results["sith"]
     assert r["layers"] == [2, 3] and r["rank"] == 16
