@@ -141,3 +141,13 @@ def test_import_is_lazy_and_every_method_reachable_from_the_package():
     lines = r.stdout.splitlines()
     assert lines[0] == "heavy: []"
     assert lines[1].split() == ["fastinterp.sith.vo", "fastinterp.mutual", "fastinterp.vit"]
+
+
+def test_every_package_folder_is_installed():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {"fastinterp." + ".".join(p.parent.relative_to(PACKAGE).parts) if p.parent != PACKAGE else "fastinterp"
+               for p in PACKAGE.rglob("__init__.py")}
+    assert folders - {"fastinterp.kernels"} <= listed, f"add to pyproject's packages: {sorted(folders - listed)}"
+    assert config["package-dir"] == {"fastinterp.kernels": "kernels"} and "fastinterp.kernels" in listed
