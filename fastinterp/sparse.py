@@ -23,7 +23,8 @@ Ties in the selection go to the lowest atom index (like `torch.argmax`). The sma
 run in float64. The selection step runs as a Triton kernel on CUDA tensors and as blocked
 torch matmuls on the CPU (`kernels/pursuit.py`); on CPUs with native bf16 (AVX512-BF16,
 AMX) and M >= 2048 it first scores in bf16 and rescores the few atoms a rigorous error
-bound cannot rule out, exactly (same selections; FASTINTERP_PURSUIT_SCREEN=0 turns this
+bound cannot rule out, exactly (same selections; this is the selection's
+"torch-bf16-screen" form, see `kernels/dispatch.py`; FASTINTERP_PURSUIT_SCREEN=0 turns it
 off). The NNLS is `kernels/nnls.py`.
 """
 from __future__ import annotations
@@ -270,7 +271,8 @@ def coherent_orthogonal_matching_pursuit(x: torch.Tensor, dictionary: torch.Tens
             (default: the dictionary itself, then the score is one fused matmul).
         positive: non-negative coefficients (exact NNLS) when True.
         selection: "signed" (argmax of the score, SITH) or "abs" (argmax of |score|).
-        backend: "torch" | "triton" | None (automatic) for the selection step.
+        backend: "torch" | "triton" | "torch-bf16-screen" | None (automatic) for the
+            selection step (`fastinterp.kernels.dispatch`).
         chunk_size: atoms per streamed chunk on the torch path.
         normalize: L2-normalise the dictionary rows first instead of requiring unit rows.
 

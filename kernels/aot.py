@@ -35,6 +35,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .dispatch import env_value
+
 __all__ = ["ARCHS", "AotReport", "discover_specs", "format_table", "missing_tools",
            "parse_resource_usage", "resource_table"]
 
@@ -83,7 +85,7 @@ def missing_tools() -> str | None:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as exc:
         return f"triton with triton.compiler.ASTSource / GPUTarget is not importable ({exc}); pip install triton"
-    ptxas = os.environ.get("TRITON_PTXAS_PATH") or _triton_bin("ptxas")
+    ptxas = env_value("TRITON_PTXAS_PATH") or _triton_bin("ptxas")
     if not ptxas or not os.path.exists(ptxas):
         return "ptxas not found (neither TRITON_PTXAS_PATH nor triton/backends/nvidia/bin/ptxas)"
     if _triton_bin("cuobjdump") is None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, choose_backend
+from .dispatch import HAS_TRITON, choose_backend, register, torch_form, triton_form, triton_interpreting
 
-__all__ = ["AOT_SPECS", "masked_head_projection"]
+__all__ = ["AOT_SPECS", "FORMS", "masked_head_projection"]
 
 
 # --------------------------------------------------------------------------------------
@@ -112,8 +112,6 @@ else:  # pragma: no cover - triton ships for Linux only
 
 
 def _masked_proj_triton(x, a, y, b, w, bias):
-    from .dispatch import triton_interpreting
-
     C = a.shape[0]
     _, R, H, hd = x.shape
     D_out = w.shape[0]
@@ -183,6 +181,11 @@ def _masked_proj_torch(x, a, y, b, w, bias):
     return out
 
 
+FORMS = {"masked_head_projection": register("masked_head_projection", triton_form(_masked_proj_triton),
+                                            torch_form(_masked_proj_torch))}
+_PROJ_FORMS = FORMS["masked_head_projection"]
+
+
 def masked_head_projection(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor | None = None, *, y: torch.Tensor | None = None,
                            b: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
@@ -222,6 +225,5 @@ def masked_head_projection(x: torch.Tensor, a: torch.Tensor, weight: torch.Tenso
             raise ValueError(f"x has {R} rows, not a multiple of y's {y.shape[0]} tokens")
         if tuple(b.shape) != (C, H):
             raise ValueError(f"b must be (C={C}, H={H}), got {tuple(b.shape)}")
-    if choose_backend("masked_head_projection", [x, weight], cpu="torch", backend=backend) == "triton":
-        return _masked_proj_triton(x, a, y, b, weight, bias)
-    return _masked_proj_torch(x, a, y, b, weight, bias)
+    form = choose_backend("masked_head_projection", (x, weight), backend=backend)
+    return _PROJ_FORMS[form].fn(x, a, y, b, weight, bias)

@@ -35,18 +35,21 @@ matches.
 from __future__ import annotations
 
 import itertools
-import math
 import numbers
 import warnings
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
 
-from .dispatch import choose_backend
+from .dispatch import HAS_NUMBA, choose_backend, numba_form, register
+
+if HAS_NUMBA:
+    import numba
+
+    from . import mi_numba as _nb
 
 __all__ = [
+    "FORMS",
     "curve_auc",
     "dataset_curve",
     "mi_curves",
@@ -58,187 +61,14 @@ __all__ = [
 VARIANTS = ("reference", "textbook")
 _EPS = float(np.finfo(np.float64).eps)
 
-# ----------------------------------------------------------------------------------------
-# Numba kernels
-# ----------------------------------------------------------------------------------------
-
-
-@njit(cache=True, inline="always")
-def _paper_mi(n, m, k):
-    """The reference's MI for an n x m table holding k ones (see the module docstring)."""
-    if n == 0 or m == 0 or k == 0:
-        return 0.0
-    p = 1.0 / k
-    entropy = -(k * (p * math.log(p + 1e-9)))
-    return math.log(n) + math.log(m) + entropy
-
-
-@njit(cache=True)
-def _textbook_table_mi(match, n_rows, m, first_row, col_counts, k):
-    """Textbook MI of the 0/1 table match[first_row:n_rows, :m] (sklearn's term order).
-
-    col_counts[j]: ones in column j of the active rows; k: ones in all. The table has n_rows
-    rows in all (removed rows are zero rows), which matters only for sklearn's
-    "one row or one column -> 0" rule.
-    """
-    if k == 0 or n_rows <= 1 or m <= 1:
-        return 0.0
-    total = float(k)
-    log_total = math.log(total)
-    cnm = 1.0 / total  # every nonzero cell holds 1
-    mi = 0.0
-    for i in range(first_row, n_rows):
-        r = 0
-        for j in range(m):
-            r += match[i, j]
-        if r == 0:
-            continue
-        for j in range(m):
-            if match[i, j]:
-                outer = r * col_counts[j]
-                log_outer = -math.log(float(outer)) + log_total + log_total
-                term = cnm * (0.0 - log_total) + cnm * log_outer
-                if abs(term) < 2.220446049250313e-16:
-                    term = 0.0
-                mi += term
-    return max(mi, 0.0)
-
-
-@njit(cache=True, parallel=True)
-def _mi_curves_kernel(xv, xoff, yv, yoff, textbook, out):
-    """out[xoff[b] + b + t] = MI of image b after removing its first t vision ids, t = 0..N_b."""
-    n_images = xoff.shape[0] - 1
-    for b in prange(n_images):
-        x0 = xoff[b]
-        n = xoff[b + 1] - x0
-        y0 = yoff[b]
-        m = yoff[b + 1] - y0
-        o = x0 + b
-        if not textbook:
-            counts = np.zeros(n + 1, dtype=np.int64)  # counts[i]: matches of X_i; suffix sums below
-            for i in range(n):
-                xi = xv[x0 + i]
-                c = 0
-                for j in range(m):
-                    if yv[y0 + j] == xi:
-                        c += 1
-                counts[i] = c
-            for i in range(n - 1, -1, -1):
-                counts[i] += counts[i + 1]
-            for t in range(n + 1):
-                out[o + t] = _paper_mi(n, m, counts[t])
-        else:
-            match = np.zeros((max(n, 1), max(m, 1)), dtype=np.int64)
-            col_counts = np.zeros(max(m, 1), dtype=np.int64)
-            k = 0
-            for i in range(n):
-                xi = xv[x0 + i]
-                for j in range(m):
-                    if yv[y0 + j] == xi:
-                        match[i, j] = 1
-                        col_counts[j] += 1
-                        k += 1
-            out[o] = _textbook_table_mi(match, n, m, 0, col_counts, k)
-            for t in range(1, n + 1):
-                for j in range(m):
-                    if match[t - 1, j]:
-                        col_counts[j] -= 1
-                        k -= 1
-                out[o + t] = _textbook_table_mi(match, n, m, t, col_counts, k)
-
-
-@njit(cache=True)
-def _mi_from_codes(ct, cp, n_rows, n_cols, dense_limit):
-    """sklearn's mutual_info_score from integer codes ct in [0, n_rows), cp in [0, n_cols)."""
-    n = ct.shape[0]
-    pi = np.zeros(n_rows, dtype=np.int64)
-    pj = np.zeros(n_cols, dtype=np.int64)
-    for t in range(n):
-        pi[ct[t]] += 1
-        pj[cp[t]] += 1
-    used_rows = 0
-    for i in range(n_rows):
-        if pi[i] > 0:
-            used_rows += 1
-    used_cols = 0
-    for j in range(n_cols):
-        if pj[j] > 0:
-            used_cols += 1
-    if used_rows == 1 or used_cols == 1:  # a single cluster has zero entropy: MI = 0
-        return 0.0
-    total = float(n)
-    log_total = math.log(total)
-    mi = 0.0
-    if n_rows * n_cols <= dense_limit:
-        table = np.zeros(n_rows * n_cols, dtype=np.int64)
-        for t in range(n):
-            table[ct[t] * n_cols + cp[t]] += 1
-        for i in range(n_rows):
-            if pi[i] == 0:
-                continue
-            for j in range(n_cols):
-                nij = table[i * n_cols + j]
-                if nij == 0:
-                    continue
-                cnm = nij / total
-                log_outer = -math.log(float(pi[i] * pj[j])) + log_total + log_total
-                term = cnm * (math.log(float(nij)) - log_total) + cnm * log_outer
-                if abs(term) < 2.220446049250313e-16:
-                    term = 0.0
-                mi += term
-    else:
-        keys = np.empty(n, dtype=np.int64)
-        for t in range(n):
-            keys[t] = ct[t] * n_cols + cp[t]
-        keys.sort()
-        t = 0
-        while t < n:
-            key = keys[t]
-            s = t
-            while t < n and keys[t] == key:
-                t += 1
-            nij = t - s
-            i = key // n_cols
-            j = key - i * n_cols
-            cnm = nij / total
-            log_outer = -math.log(float(pi[i] * pj[j])) + log_total + log_total
-            term = cnm * (math.log(float(nij)) - log_total) + cnm * log_outer
-            if abs(term) < 2.220446049250313e-16:
-                term = 0.0
-            mi += term
-    return max(mi, 0.0)
-
-
-@njit(cache=True)
-def _mi_from_table(table):
-    """sklearn's mutual_info_score(None, None, contingency=table) for a dense int64 table."""
-    n_rows, n_cols = table.shape
-    if n_rows == 1 or n_cols == 1:
-        return 0.0
-    pi = np.zeros(n_rows, dtype=np.int64)
-    pj = np.zeros(n_cols, dtype=np.int64)
-    total_i = 0
-    for i in range(n_rows):
-        for j in range(n_cols):
-            pi[i] += table[i, j]
-            pj[j] += table[i, j]
-            total_i += table[i, j]
-    total = float(total_i)
-    log_total = math.log(total)
-    mi = 0.0
-    for i in range(n_rows):
-        for j in range(n_cols):
-            nij = table[i, j]
-            if nij == 0:
-                continue
-            cnm = nij / total
-            log_outer = -math.log(float(pi[i] * pj[j])) + log_total + log_total
-            term = cnm * (math.log(float(nij)) - log_total) + cnm * log_outer
-            if abs(term) < 2.220446049250313e-16:
-                term = 0.0
-            mi += term
-    return max(mi, 0.0)
-
+# the kernels' forms: Numba only (CPU); without numba, `choose_backend` raises on a call
+FORMS = {
+    "mi_curves": register("mi_curves", numba_form(_nb._mi_curves_kernel if HAS_NUMBA else None)),
+    "mutual_info_score": register("mutual_info_score", numba_form(_nb._mi_from_codes if HAS_NUMBA else None)),
+    "mutual_info_contingency": register("mutual_info_contingency",
+                                        numba_form(_nb._mi_from_table if HAS_NUMBA else None)),
+}
+_CURVE_FORMS = FORMS["mi_curves"]
 
 # ----------------------------------------------------------------------------------------
 # Input handling
@@ -318,7 +148,7 @@ def _check_variant(variant: str) -> bool:
 
 
 def mi_curves_flat(vision_values, vision_offsets, language_values, language_offsets, *,
-                   variant: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+                   variant: str = "reference", backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The batched kernel on pre-flattened inputs (the fastest entry point).
 
     Args:
@@ -327,12 +157,18 @@ def mi_curves_flat(vision_values, vision_offsets, language_values, language_offs
         vision_offsets: (B + 1,) int64, non-decreasing, starting at 0.
         language_values, language_offsets: the same for the language ids (M_b per image).
         variant: "reference" (paper Eq. 1 as the reference computes it) or "textbook".
+        backend: None or "numba" (the only form).
 
     Returns:
         (values, offsets): (sum (N_b + 1),) float64 and (B + 1,) int64; image b's curve is
         ``values[offsets[b]:offsets[b + 1]]``.
     """
     textbook = _check_variant(variant)
+    form = choose_backend("mi_curves", (), backend=backend)
+    return _curves_flat(vision_values, vision_offsets, language_values, language_offsets, textbook, form)
+
+
+def _curves_flat(vision_values, vision_offsets, language_values, language_offsets, textbook, form):
     xv = np.ascontiguousarray(vision_values, dtype=np.int64)
     xo = np.ascontiguousarray(vision_offsets, dtype=np.int64)
     yv = np.ascontiguousarray(language_values, dtype=np.int64)
@@ -350,7 +186,7 @@ def mi_curves_flat(vision_values, vision_offsets, language_values, language_offs
     out_offsets = xo + np.arange(n_images + 1, dtype=np.int64)
     out = np.empty(out_offsets[-1], dtype=np.float64)
     if n_images:
-        _mi_curves_kernel(xv, xo, yv, yo, textbook, out)
+        _CURVE_FORMS[form].fn(xv, xo, yv, yo, textbook, out)
     return out, out_offsets
 
 
@@ -377,14 +213,13 @@ def mi_curves(vision_ids, language_ids, *, variant: str = "reference",
     if not isinstance(language_ids, (np.ndarray, torch.Tensor)):
         language_ids = list(language_ids)
     sample = [vision_ids, language_ids] + list(vision_ids[:1]) + list(language_ids[:1])
-    choose_backend("mi_curves", [s for s in sample if isinstance(s, torch.Tensor)],
-                   cpu="numba", gpu=None, backend=backend)
+    form = choose_backend("mi_curves", [s for s in sample if isinstance(s, torch.Tensor)], backend=backend)
     xv, xo = _flatten_ragged(vision_ids, "vision_ids")
     yv, yo = _flatten_ragged(language_ids, "language_ids")
     if xo.shape[0] != yo.shape[0]:
         raise ValueError(f"{xo.shape[0] - 1} vision id lists but {yo.shape[0] - 1} language id "
                          f"lists: pass one of each per image")
-    values, offsets = mi_curves_flat(xv, xo, yv, yo, variant=variant)
+    values, offsets = _curves_flat(xv, xo, yv, yo, _check_variant(variant), form)
     bounds = offsets.tolist()
     return [values[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -503,7 +338,8 @@ def mutual_info_score(labels_true, labels_pred, *, contingency=None) -> float:
         ct, n_rows = _codes(lt)
         cp, n_cols = _codes(lp)
         dense_limit = max(8 * ct.shape[0], 1 << 16)
-        return float(_mi_from_codes(ct, cp, n_rows, n_cols, dense_limit))
+        form = choose_backend("mutual_info_score")
+        return float(FORMS["mutual_info_score"][form].fn(ct, cp, n_rows, n_cols, dense_limit))
 
     table = contingency
     if hasattr(table, "toarray"):  # scipy sparse
@@ -523,9 +359,10 @@ def mutual_info_score(labels_true, labels_pred, *, contingency=None) -> float:
     table = np.ascontiguousarray(table, dtype=np.int64)
     if table.size == 0 or not table.any():
         raise ValueError("contingency is empty or all zeros: mutual information is undefined")
-    return float(_mi_from_table(table))
+    form = choose_backend("mutual_info_contingency")
+    return float(FORMS["mutual_info_contingency"][form].fn(table))
 
 
 def numba_threads() -> int:
-    """Threads the parallel kernels use (NUMBA_NUM_THREADS)."""
-    return numba.get_num_threads()
+    """Threads the parallel kernels use (NUMBA_NUM_THREADS); 0 without numba."""
+    return numba.get_num_threads() if HAS_NUMBA else 0

@@ -16,13 +16,16 @@ run over iterations of the active-set method (a handful, bounded by `max_iter`).
 
 All work is done in float64 whatever the input dtype (the systems are K x K: the cost is
 nothing next to the pursuit's matmuls), and the result is returned in float64.
-The torch code runs on any device, so there is no separate GPU form.
+The torch code runs on any device, so there is no separate GPU form: each solver's table in
+`FORMS` has the one "torch" form (picked and recorded by `choose_backend` all the same).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["lstsq", "nnls_coordinate_descent", "nnls_gram", "solve_gram"]
+from .dispatch import choose_backend, register, torch_form
+
+__all__ = ["FORMS", "lstsq", "nnls_coordinate_descent", "nnls_gram", "solve_gram"]
 
 
 def _check_gram(gram: torch.Tensor, h: torch.Tensor) -> tuple[int, int]:
@@ -70,6 +73,10 @@ def solve_gram(gram: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, K) float64: argmin_c ||A c - b||^2 (minimum-norm solution if singular).
     """
+    return _SOLVE_FORMS[choose_backend("solve_gram", (gram, h))].fn(gram, h)
+
+
+def _solve_gram_torch(gram, h):
     b, k = _check_gram(gram, h)
     gram = gram.to(torch.float64)
     h = h.to(torch.float64)
@@ -93,6 +100,11 @@ def nnls_coordinate_descent(gram: torch.Tensor, h: torch.Tensor, x0: torch.Tenso
     Returns:
         (B, K) float64, x >= 0.
     """
+    form = choose_backend("nnls_coordinate_descent", (gram, h))
+    return _CD_FORMS[form].fn(gram, h, x0, max_sweeps, tol)
+
+
+def _nnls_cd_torch(gram, h, x0, max_sweeps, tol):
     b, k = _check_gram(gram, h)
     gram = gram.to(torch.float64)
     h = h.to(torch.float64)
@@ -136,6 +148,11 @@ def nnls_gram(gram: torch.Tensor, h: torch.Tensor, *, x0: torch.Tensor | None = 
     Returns:
         (B, K) float64, c >= 0.
     """
+    form = choose_backend("nnls_gram", (gram, h))
+    return _NNLS_FORMS[form].fn(gram, h, x0, passive0, max_iter, kkt_tol)
+
+
+def _nnls_gram_torch(gram, h, x0, passive0, max_iter, kkt_tol):
     b, k = _check_gram(gram, h)
     gram = gram.to(torch.float64)
     h = h.to(torch.float64)
@@ -195,6 +212,14 @@ def nnls_gram(gram: torch.Tensor, h: torch.Tensor, *, x0: torch.Tensor | None = 
         rest = ~done
         x[rest] = nnls_coordinate_descent(gram[rest], h[rest], x[rest], max_sweeps=10000, tol=1e-12)
     return x
+
+
+FORMS = {
+    "solve_gram": register("solve_gram", torch_form(_solve_gram_torch)),
+    "nnls_gram": register("nnls_gram", torch_form(_nnls_gram_torch)),
+    "nnls_coordinate_descent": register("nnls_coordinate_descent", torch_form(_nnls_cd_torch)),
+}
+_SOLVE_FORMS, _NNLS_FORMS, _CD_FORMS = FORMS["solve_gram"], FORMS["nnls_gram"], FORMS["nnls_coordinate_descent"]
 
 
 def lstsq(A: torch.Tensor, b: torch.Tensor, *, positive: bool = False) -> torch.Tensor:

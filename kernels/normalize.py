@@ -1,13 +1,14 @@
 """Row-wise L2 normalisation: out[i] = x[i] / max(||x[i]||, eps).
 
 The smallest complete kernel pair, and the pattern for the others: a Triton kernel, a
-torch reference beside it, and one public function that dispatches between them.
+torch reference beside it, their table `FORMS` (registered with `dispatch`), and one public
+function that asks `choose_backend` which form runs.
 """
 from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, choose_backend
+from .dispatch import HAS_TRITON, choose_backend, register, torch_form, triton_form
 
 if HAS_TRITON:
     import triton
@@ -69,6 +70,11 @@ def _l2_normalize_rows_torch(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.float() / norms).to(x.dtype)
 
 
+FORMS = {"l2_normalize_rows": register("l2_normalize_rows", triton_form(_l2_normalize_rows_triton),
+                                       torch_form(_l2_normalize_rows_torch))}
+_L2_FORMS = FORMS["l2_normalize_rows"]
+
+
 def l2_normalize_rows(x: torch.Tensor, *, eps: float = 1e-12, backend: str | None = None) -> torch.Tensor:
     """L2-normalise the rows of a (N, D) float tensor; same shape and dtype out.
 
@@ -78,6 +84,4 @@ def l2_normalize_rows(x: torch.Tensor, *, eps: float = 1e-12, backend: str | Non
         raise ValueError(f"expected a 2-D tensor (N, D), got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
-    if choose_backend("l2_normalize_rows", [x], cpu="torch", backend=backend) == "triton":
-        return _l2_normalize_rows_triton(x, eps)
-    return _l2_normalize_rows_torch(x, eps)
+    return _L2_FORMS[choose_backend("l2_normalize_rows", (x,), backend=backend)].fn(x, eps)

@@ -14,23 +14,24 @@ blocked BLAS matmuls into one reused (B, chunk) buffer; GPU: a Triton kernel tha
 the running max per signal in registers), so a 1,000,000-atom dictionary costs only its
 own storage. Ties go to the lowest atom index (like `torch.argmax`).
 
-Forms: `_select_torch` (CPU, any device) and `_select_triton` (CUDA, or the interpreter),
-dispatched by `select_atoms` via `choose_backend`. On CPUs with native bf16 dot products,
-`_select_torch_screened` (exact result, about 2-3x less time): a bf16 matmul scores every
-atom, a rigorous per-signal error bound keeps the few atoms that could still win, and those
-are rescored exactly. The dictionary may be stored in fp16/bf16 with fp32 accumulation:
+Forms (the table `FORMS["pursuit_select"]`, picked by `choose_backend`): "triton"
+(`_select_triton`: CUDA, or the interpreter), "torch" (`_select_torch`: any device) and, on
+CPUs with native bf16 dot products, the variant "torch-bf16-screen"
+(`_select_torch_screened`, exact result, about 2-3x less time; the automatic CPU pick for
+fp32 signals, no q2, mask -inf and M >= SCREEN_MIN_ATOMS; FASTINTERP_PURSUIT_SCREEN=0|1 or
+`screen=` override): a bf16 matmul scores every atom, a rigorous per-signal error bound
+keeps the few atoms that could still win, and those are rescored exactly. The dictionary may be stored in fp16/bf16 with fp32 accumulation:
 the Triton kernel then rounds q to the storage dtype for tensor-core dots; the CPU path
 upcasts each chunk to fp32 and keeps q in fp32.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .dispatch import HAS_TRITON, choose_backend, triton_interpreting
+from .dispatch import HAS_TRITON, Form, choose_backend, register, torch_form, triton_form, triton_interpreting
 
-__all__ = ["AOT_SPECS", "DEFAULT_CHUNK_ELEMENTS", "select_atoms", "selection_flops", "topk_atoms"]
+__all__ = ["AOT_SPECS", "DEFAULT_CHUNK_ELEMENTS", "FORMS", "SCREEN_FORM", "select_atoms", "selection_flops",
+           "topk_atoms"]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 """CPU path: the reused score buffer holds about this many elements (B x chunk; 32 MiB fp32)."""
@@ -153,7 +154,7 @@ else:  # pragma: no cover - triton ships for Linux only
     AOT_SPECS = []
 
 
-def _select_triton(q, dictionary, masked, q2, dictionary2, mask_value, use_abs):
+def _select_triton(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size=None, cache=None):
     B, D = q.shape
     M = dictionary.shape[0]
     if q.dtype != torch.float32:
@@ -193,14 +194,14 @@ def _select_triton(q, dictionary, masked, q2, dictionary2, mask_value, use_abs):
     )
     # splits are in atom order, so the first maximal split holds the lowest tied index
     split = out_val.argmax(dim=1, keepdim=True)
-    return (out_idx.gather(1, split).squeeze(1).long(), out_val.gather(1, split).squeeze(1),
-            out_raw.gather(1, split).squeeze(1))
+    return (out_idx.gather(1, split).squeeze(1).long(), out_val.gather(1, split).squeeze(1).to(q.dtype),
+            out_raw.gather(1, split).squeeze(1).to(q.dtype))
 
 
 # --------------------------------------------------------------------------------------
 # torch form
 # --------------------------------------------------------------------------------------
-def _select_torch(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size):
+def _select_torch(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size, cache=None):
     B = q.shape[0]
     M = dictionary.shape[0]
     dev = q.device
@@ -259,6 +260,8 @@ def _select_torch(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, c
 # --------------------------------------------------------------------------------------
 _BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
 SCREEN_ENV = "FASTINTERP_PURSUIT_SCREEN"
+"""0 | 1: the screened form off / on where a call allows it (read by `dispatch.env_value`)."""
+SCREEN_FORM = "torch-bf16-screen"
 SCREEN_MIN_ATOMS = 2048
 SCREEN_MAX_CANDIDATES = 64
 SCREEN_CACHE_BYTES = 512 << 20
@@ -345,8 +348,8 @@ def _prepare_screen(dictionary, chunk, cache):
     return cache
 
 
-def _select_torch_screened(q, dictionary, masked, use_abs, chunk_size, cache):
-    """Exact argmax (mask -inf), screened in bf16.
+def _select_torch_screened(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size, cache):
+    """Exact argmax (fp32 q, no q2, mask -inf), screened in bf16.
 
     Pass 1 scores every atom with a bf16 matmul (fp32 accumulation) and keeps, per signal,
     the atoms whose score could still be the best under the rigorous error bound of
@@ -361,7 +364,7 @@ def _select_torch_screened(q, dictionary, masked, use_abs, chunk_size, cache):
     if chunk_size is None:
         chunk_size = max(256, DEFAULT_CHUNK_ELEMENTS // max(B, 1))
     chunk_size = int(min(chunk_size, M))
-    cache = _prepare_screen(dictionary, chunk_size, cache)
+    cache = _prepare_screen(dictionary, chunk_size, {} if cache is None else cache)
     q_b = q.to(torch.bfloat16)
     const, w = _screen_bounds(q, q_b, D, cache["err"], cache["norm_b"])
     rows = torch.arange(B, device=dev)
@@ -419,6 +422,17 @@ def _select_torch_screened(q, dictionary, masked, use_abs, chunk_size, cache):
     return best_idx, best, best_raw
 
 
+FORMS = {"pursuit_select": register(
+    "pursuit_select",
+    triton_form(_select_triton),
+    torch_form(_select_torch),
+    Form(SCREEN_FORM, _select_torch_screened, device="cpu", variant=True, switch_env=SCREEN_ENV,
+         needs="native bf16 dot products (AVX512-BF16 / AMX) that pass the error-bound probe",
+         check=lambda: _screen_ok.get("cpu") if "cpu" in _screen_ok else _bf16_screen_available(torch.device("cpu"))),
+)}
+_SELECT_FORMS = FORMS["pursuit_select"]
+
+
 def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor | None = None, *,
                  q2: torch.Tensor | None = None, dictionary2: torch.Tensor | None = None,
                  mask_value: float = float("-inf"), use_abs: bool = False,
@@ -436,13 +450,16 @@ def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor
         mask_value: score given to masked atoms (-inf: never chosen; 0.0: MP's rule).
         use_abs: rank atoms by |score| instead of score.
         chunk_size: atoms per streamed chunk on the torch path (default: ~8M scores).
-        backend: "torch" | "triton" | None (automatic, see `choose_backend`).
-        screen: torch path only: score in bf16 first, then rescore the few candidates
-            exactly (same result as the fp32 path up to fp32 rounding of near-ties; about
-            4x less matmul time on CPUs with AVX512-BF16/AMX). None: automatic (CPU with
-            native bf16, fp32 q, no q2, mask_value -inf, M >= SCREEN_MIN_ATOMS; the
-            environment variable FASTINTERP_PURSUIT_SCREEN=0/1 overrides); True: screen
-            whenever those conditions allow; False: never.
+        backend: "torch" | "triton" | "torch-bf16-screen" | None (automatic, see
+            `fastinterp.kernels.dispatch`); `last_backend["pursuit_select"]` names the form
+            that ran.
+        screen: torch backend only, the switch of the "torch-bf16-screen" form: score in
+            bf16 first, then rescore the few candidates exactly (same result as the fp32
+            path up to fp32 rounding of near-ties; about 4x less matmul time on CPUs with
+            AVX512-BF16/AMX). None: automatic (CPU with native bf16, fp32 q, no q2,
+            mask_value -inf, M >= SCREEN_MIN_ATOMS; the environment variable
+            FASTINTERP_PURSUIT_SCREEN=0/1 overrides); True: screen whenever those
+            conditions allow; False: never.
         screen_cache: a dict reused across the steps of one pursuit (same dictionary):
             holds the dictionary's bf16 rounding errors and, when small, its bf16 copy.
             None: recomputed each call (one extra pass over the dictionary).
@@ -472,22 +489,14 @@ def select_atoms(q: torch.Tensor, dictionary: torch.Tensor, masked: torch.Tensor
     tensors = [q, dictionary] + ([q2, dictionary2] if q2 is not None else [])
     if backend is None and q.dtype == torch.float64:
         backend = "torch"  # the Triton kernel accumulates in fp32; float64 stays on torch
-    choice = choose_backend("pursuit_select", tensors, cpu="torch", backend=backend)
+    screenable = q2 is None and mask_value == float("-inf") and q.dtype == torch.float32
+    variants = {SCREEN_FORM: (screen, dictionary.shape[0] >= SCREEN_MIN_ATOMS)} if screenable else None
+    form = choose_backend("pursuit_select", tensors, backend=backend, variants=variants)
     if B == 0:
         empty = torch.empty((0,), dtype=q.dtype, device=q.device)
         return torch.empty((0,), dtype=torch.int64, device=q.device), empty, empty.clone()
-    if choice == "triton":
-        idx, val, raw = _select_triton(q, dictionary, masked, q2, dictionary2, mask_value, use_abs)
-        return idx, val.to(q.dtype), raw.to(q.dtype)
-    applicable = (q2 is None and mask_value == float("-inf") and q.dtype == torch.float32
-                  and _bf16_screen_available(q.device))
-    if screen is None:
-        env = os.environ.get(SCREEN_ENV, "").strip()
-        screen = env == "1" if env in ("0", "1") else dictionary.shape[0] >= SCREEN_MIN_ATOMS
-    if screen and applicable:
-        return _select_torch_screened(q, dictionary, masked, use_abs, chunk_size,
-                                      {} if screen_cache is None else screen_cache)
-    return _select_torch(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size)
+    return _SELECT_FORMS[form].fn(q, dictionary, masked, q2, dictionary2, mask_value, use_abs, chunk_size,
+                                  screen_cache)
 
 
 def selection_flops(batch: int, atoms: int, dim: int) -> float:
@@ -506,6 +515,10 @@ def topk_atoms(q: torch.Tensor, dictionary: torch.Tensor, k: int, *, chunk_size:
         (values (B, k), indices (B, k) int64), values descending, like `torch.topk`.
         Runs as torch ops on q's device (no Triton form: the cost is the matmul).
     """
+    return _TOPK_FORMS[choose_backend("pursuit_topk", (q, dictionary))].fn(q, dictionary, k, chunk_size)
+
+
+def _topk_torch(q, dictionary, k, chunk_size):
     B = q.shape[0]
     M = dictionary.shape[0]
     if chunk_size is None:
@@ -524,3 +537,7 @@ def topk_atoms(q: torch.Tensor, dictionary: torch.Tensor, k: int, *, chunk_size:
         keep = val.topk(min(k, val.shape[1]), dim=1).indices
         best_val, best_idx = val.gather(1, keep), idx.gather(1, keep)
     return best_val, best_idx
+
+
+FORMS["pursuit_topk"] = register("pursuit_topk", torch_form(_topk_torch))
+_TOPK_FORMS = FORMS["pursuit_topk"]
