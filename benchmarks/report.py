@@ -240,7 +240,7 @@ def markdown(rows: list[dict], info: dict, aot_md: str, skipped: list[str], meta
     if skipped:
         lines += ["", "Skipped cases:", ""] + [f"- {s}" for s in skipped]
     lines += ["", "## Triton kernels compiled ahead of time (no GPU needed)", "",
-              "`python -m fastinterp.kernels.aot`: every configuration in the kernels' `AOT_SPECS`, "
+              "`fastinterp aot`: every configuration in the kernels' `AOT_SPECS`, "
               "compiled with `triton.compile` for `GPUTarget('cuda', 80|90, 32)`; registers per thread, "
               "stack frame bytes (non-zero = register spills) and shared memory from the triton wheel's "
               "`cuobjdump --dump-resource-usage` (static; sm_90 reserves 1 KiB) and Triton's metadata "

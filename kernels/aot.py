@@ -18,13 +18,12 @@ Compilation runs in a fresh interpreter without `TRITON_INTERPRET` (under the in
 `@triton.jit` functions cannot be compiled; the test suite sets it), so `resource_table()`
 can be called from anywhere.
 
-    python -m fastinterp.kernels.aot            # Markdown table, both targets
-    python -m fastinterp.kernels.aot --json     # the rows as JSON
-    python -m fastinterp.kernels.aot --arch 90 --only pursuit
+    fastinterp aot                              # Markdown table, both targets
+    fastinterp aot --json                       # the rows as JSON
+    fastinterp aot --arch 90 --only pursuit     # (python -m fastinterp.kernels.aot: the same)
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -195,10 +194,8 @@ def resource_table(archs=ARCHS, only: str | None = None, timeout: float = 900.0)
     if reason:
         return AotReport(skipped=reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastinterp.kernels.aot", "--json", "--in-process",
-           "--arch", ",".join(str(a) for a in archs)]
-    if only:
-        cmd += ["--only", only]
+    cmd = [sys.executable, "-c", "import sys; from fastinterp.kernels.aot import _compile_all_json; "
+           "_compile_all_json(sys.argv[1], sys.argv[2])", ",".join(str(a) for a in archs), only or ""]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"AOT compilation process failed (exit {res.returncode}): {res.stderr[-2000:]}")
@@ -224,29 +221,23 @@ def format_table(report: AotReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastinterp.kernels.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default=",".join(str(a) for a in ARCHS),
-                        help="comma-separated compute capabilities (default: 80,90)")
-    parser.add_argument("--only", default=None, help="keep kernels whose module or name contains this")
-    parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
-    parser.add_argument("--in-process", action="store_true",
-                        help="compile in this process (TRITON_INTERPRET must be unset)")
-    args = parser.parse_args(argv)
-    try:
-        archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
-    except ValueError:
-        parser.error(f"--arch {args.arch!r}: give compute capabilities such as 80,90")
-    if args.in_process:
-        report = _compile_all(archs, args.only)
-    else:
-        report = resource_table(archs, args.only)
-    if args.json:
+def _compile_all_json(archs: str, only: str) -> None:
+    """The child process of `resource_table`: compile here, print the rows as one JSON line."""
+    report = _compile_all(tuple(int(a) for a in archs.split(",")), only or None)
+    print(json.dumps({"rows": report.rows, "skipped": report.skipped}))
+
+
+def run(archs=ARCHS, only: str | None = None, *, as_json: bool = False) -> int:
+    """Compile, print the table (or JSON); 0 when every configuration compiled without spills."""
+    report = resource_table(archs, only)
+    if as_json:
         print(json.dumps({"rows": report.rows, "skipped": report.skipped}))
     else:
         print(format_table(report), end="")
     return 0 if (report.ok or report.skipped) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # an entry point: the command line lives in fastinterp.cli (`fastinterp aot`)
+    from fastinterp.cli import main
+
+    sys.exit(main(["aot", *sys.argv[1:]]))

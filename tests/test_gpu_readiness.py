@@ -7,6 +7,8 @@ and the table is shared by the tests of this file.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fastinterp.kernels import aot
@@ -96,3 +98,15 @@ def test_every_spec_compiles_without_spills(aot_report):
     assert aot_report.ok
     table = aot.format_table(aot_report)
     assert table.count("\n") == len(aot_report.rows) + 2 and "SPILLS" not in table
+
+
+def test_aot_command_line(capsys):
+    from fastinterp.cli import main
+
+    if aot.missing_tools():
+        pytest.skip(aot.missing_tools())
+    assert main(["aot", "--only", "normalize", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert rows and {r["target"] for r in rows} == {"sm_80", "sm_90"} and all(r["stack_bytes"] == 0 for r in rows)
+    assert main(["aot", "--arch", "x"]) == 2
+    assert "--arch 'x'" in capsys.readouterr().err

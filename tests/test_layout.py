@@ -39,10 +39,23 @@ def _sources():
             yield path, component, dotted, is_package
 
 
+def _main_guard_nodes(tree):
+    """Nodes under `if __name__ == "__main__":`: a module's entry-point shim may call the cli."""
+    inside = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"):
+            inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return inside
+
+
 def _imported_components(tree, dotted, is_package):
     """(line, fastinterp component) of every import of the package, function-level ones too."""
     package = dotted if is_package else dotted[:-1]
+    shims = _main_guard_nodes(tree)
     for node in ast.walk(tree):
+        if id(node) in shims:
+            continue
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

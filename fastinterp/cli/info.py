@@ -35,6 +35,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    from ..kernels import aot
+
+    try:
+        archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
+    except ValueError:
+        raise ValueError(f"--arch {args.arch!r}: give compute capabilities such as 80,90") from None
+    return aot.run(archs, args.only, as_json=args.json)
+
+
 def register(sub) -> None:
     p = sub.add_parser("info", help="versions, available kernel backends, device")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 without a GPU; registers, spills, "
+                                   "shared memory")
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
+    p.add_argument("--only", default=None, help="keep kernels whose module or name contains this")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    p.set_defaults(func=cmd_aot)
