@@ -47,6 +47,7 @@ __all__ = [
     "PROMPT_BACKGROUND",
     "PROMPT_UNSAFE",
     "complete_parsed",
+    "concept_pairs",
     "format_concepts_prompt",
     "label_messages",
     "judge_messages",
@@ -421,14 +422,21 @@ Reply with one line: Score: <1-5>
 {concepts}"""
 
 
+def concept_pairs(scores: torch.Tensor, indices: torch.Tensor, concepts: Sequence[str]) -> list[tuple[float, str]]:
+    """[(weight, concept), ...] of one singular vector (scores/indices (K,)), positive weights
+    only, highest first; ValueError if none is positive."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    pairs = [(float(scores[j]), concepts[int(indices[j])]) for j in order.tolist() if scores[j] > 0]
+    if not pairs:
+        raise ValueError("this singular vector has no concept with a positive weight to score")
+    return pairs
+
+
 def format_concepts_prompt(template: str, scores: torch.Tensor, indices: torch.Tensor,
                            concepts: Sequence[str]) -> str:
     """Fill `{concepts}` with '- <weight> <concept>' lines for one singular vector
     (scores/indices (K,)), positive weights only, highest first."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    lines = [f"- {float(scores[j]):.2f} {concepts[int(indices[j])]}" for j in order.tolist() if scores[j] > 0]
-    if not lines:
-        raise ValueError("this singular vector has no concept with a positive weight to score")
+    lines = [f"- {w:.2f} {c}" for w, c in concept_pairs(scores, indices, concepts)]
     return template.format(concepts="\n".join(lines))
 
 
@@ -477,6 +485,8 @@ def score_concept_lists(scores: torch.Tensor, indices: torch.Tensor, concepts: S
     Args:
         scores, indices: (N, K), one singular vector's concept code per row.
         concepts: the dictionary's texts (indexed by `indices`).
+        scorer: `prompt -> int`, or an object with `score_concepts([(weight, concept), ...])
+            -> int` (e.g. the offline `fastinterp.sith.ClipScorer`; `template` unused then).
         on_score: called with each answer as soon as it is checked (e.g. to append it to
             a decisions file, so an interrupted run resumes).
 
@@ -485,9 +495,13 @@ def score_concept_lists(scores: torch.Tensor, indices: torch.Tensor, concepts: S
     """
     from tqdm.auto import tqdm
 
+    structured = getattr(scorer, "score_concepts", None)
     out: list[int] = []
     for n in tqdm(range(start, scores.shape[0]), desc="scoring singular vectors", disable=not progress):
-        value = scorer(format_concepts_prompt(template, scores[n], indices[n], concepts))
+        if structured is not None:
+            value = structured(concept_pairs(scores[n], indices[n], concepts))
+        else:
+            value = scorer(format_concepts_prompt(template, scores[n], indices[n], concepts))
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
             raise ValueError(f"the scorer returned {value!r} for singular vector {n}; it must return an int 1-5")
         out.append(value)

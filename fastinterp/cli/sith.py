@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_open, atomic_save, atomic_write_json, atomic_write_text, safe_name
-from ..sith import (PROMPT_BACKGROUND, PROMPT_UNSAFE, SV_TYPES, LLMScorer, apply_multipliers,
-                    classification_multipliers, decompose, decomposition_filename, explanation_rows, fidelity,
-                    fidelity_from_file, image_mean, load_decomposition, parse_decomposition_filename,
-                    plot_explanations, prepare_dictionary, read_decisions, score_singular_vectors,
+from ..sith import (SV_TYPES, apply_multipliers, classification_multipliers, decompose, decomposition_filename,
+                    explanation_rows, fidelity, fidelity_from_file, image_mean, load_decomposition,
+                    parse_decomposition_filename, plot_explanations, prepare_dictionary, read_decisions,
                     sign_flip_multipliers, suppress_multipliers, task_concepts, write_explanations)
 from ..sith.vo import _check_image_mean
 from ..vit import check_layers, vit_info
@@ -215,23 +214,16 @@ def _multiplier_file(args, layers: list[int]) -> dict:
 def _decision_multipliers(args, name: str | None, mdir: Path, heads: int) -> torch.Tensor:
     """suppress / sign-flip: the multipliers from the layer's decisions file (first filling it
     in with the LLM when --llm)."""
+    from .sith_scoring import decisions_file, llm_scorer, score_layer
+
     if name is None:
         raise ValueError(f"--recipe {args.recipe} needs --dictionary (to name the decisions files)")
-    ddir = Path(args.decisions) if args.decisions else mdir / f"{args.recipe}-decisions"
-    dfile = ddir / (name[:-3] + ".txt")
-    if args.llm:  # fills in whatever the decisions file lacks (resumes)
-        from .. import llm
-
-        dfile.parent.mkdir(parents=True, exist_ok=True)
-        data = load_decomposition(mdir / "decompositions" / name)
-        d = _resolve_dictionary(args.dictionary)
-        scorer = LLMScorer(llm.OpenAIChat(model=args.llm_model))
-        template = PROMPT_BACKGROUND if args.recipe == "suppress" else PROMPT_UNSAFE
-        score_singular_vectors(data["scores"], data["indices"], d.texts, scorer, template=template,
-                               cache=dfile, progress=not args.quiet)
+    dfile = decisions_file(args, name, mdir)
+    if args.llm:  # fills in whatever the decisions file lacks (resumes); `sith score` is the same step
+        score_layer(args, name, mdir, dfile, llm_scorer(args), _resolve_dictionary(args.dictionary).texts)
     if not dfile.exists():
         raise FileNotFoundError(f"no decisions file {str(dfile)!r}: one integer score 1-5 per line, head-major "
-                                f"(H*r lines); make it with fastinterp.sith.score_singular_vectors")
+                                f"(H*r lines); make it with `fastinterp sith score`")
     dec = read_decisions(dfile)
     if len(dec) % heads:
         raise ValueError(f"{dfile}: {len(dec)} scores is not a multiple of {heads} heads")
@@ -240,6 +232,9 @@ def _decision_multipliers(args, name: str | None, mdir: Path, heads: int) -> tor
 
 
 def _cmd_edit(args) -> int:
+    from .sith_scoring import check_edit_inputs
+
+    check_edit_inputs(args)  # decisions / decompositions / multipliers / layers, before the model loads
     model, _, tokenizer = load_model(args)
     info = vit_info(model)
     layers = check_layers(model, args.layers)
@@ -326,7 +321,7 @@ def _add_edit(sub) -> None:
     q.add_argument("--layers", type=int, nargs="+", required=True)
     q.add_argument("--recipe", choices=("multipliers", "suppress", "sign-flip", "classify"), required=True,
                    help="multipliers: from --multipliers; suppress (1-2 keep, 3-5 zero) / sign-flip (1-2 keep, 3 "
-                        "flip, 4-5 zero): from decisions files; classify: task-concept rescaling")
+                        "flip, 4-5 zero): from decisions files (`sith score` or --llm); classify: task-concept rescaling")
     q.add_argument("--dictionary", default=None, help="dictionary of the decompositions ('demo', 'bpe', file)")
     q.add_argument("--method", default="comp-0.3")
     q.add_argument("--sparsity", type=int, default=5)
@@ -353,11 +348,15 @@ def _add_edit(sub) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `fastinterp sith {decompose,fidelity,edit}`."""
-    p = subparsers.add_parser("sith", help="SITH: explain attention heads from their weights (decompose, fidelity, edit)")
+    """Add `fastinterp sith {decompose,fidelity,score,edit}` (score: cli/sith_scoring.py)."""
+    p = subparsers.add_parser("sith", help="SITH: explain attention heads from their weights (decompose, fidelity, "
+                                           "score, edit)")
     sub = p.add_subparsers(dest="sith_command", required=True)
+    from .sith_scoring import add_score
+
     _add_decompose(sub)
     _add_fidelity(sub)
+    add_score(sub)
     _add_edit(sub)
 
 

@@ -21,6 +21,8 @@ Where things live (all re-exported here, so `from fastinterp import sith; sith.d
     sith/edits.py          apply_multipliers (in place, undo-able EditHandle), suppress_multipliers /
                            sign_flip_multipliers / classification_multipliers, task_concepts (paper Sec 5),
                            score_singular_vectors, read_decisions / write_decisions
+    sith/scoring.py        ClipScorer: offline 1-5 scores for the suppress / sign-flip recipes by CLIP
+                           text similarity (the LLM's counterpart; same driver, score_singular_vectors)
     sith/explanations.py   explanation_rows, write_explanations, plot_explanations
     fastinterp/llm.py      the LLM side of scoring: LLMScorer, parse_score, PROMPT_BACKGROUND,
                            PROMPT_UNSAFE, format_concepts_prompt
@@ -41,9 +43,12 @@ from .edits import (EditHandle, apply_multipliers, classification_multipliers, r
                     write_decisions)
 from .explanations import explanation_rows, plot_explanations, write_explanations
 from .reconstruction import fidelity, fidelity_from_file
+from .scoring import CLIP_TARGETS, ClipScorer
 from .vo import SV_TYPES, image_mean, prepare_dictionary, project, singular_vectors, vo_matrices, vo_svd
 
 __all__ = [
+    "CLIP_TARGETS",
+    "ClipScorer",
     "EditHandle",
     "LLMScorer",
     "PROMPT_BACKGROUND",

@@ -201,7 +201,9 @@ def classification_multipliers(scores: torch.Tensor, indices: torch.Tensor, dict
 def score_singular_vectors(scores: torch.Tensor, indices: torch.Tensor, concepts: Sequence[str],
                            scorer: Callable[[str], int], *, template: str = PROMPT_BACKGROUND,
                            cache: str | os.PathLike | None = None, progress: bool = True) -> torch.Tensor:
-    """Ask `scorer` (prompt -> int 1-5) about every singular vector of a layer.
+    """Ask `scorer` about every singular vector of a layer: an LLM (`prompt -> int` 1-5, e.g.
+    `fastinterp.llm.LLMScorer`) or the offline `fastinterp.sith.ClipScorer` (scores the
+    (weight, concept) list by CLIP text similarity; `template` unused).
 
     Args:
         scores, indices: (H, r, K) decomposition; concepts: the dictionary's texts.
@@ -226,6 +228,9 @@ def score_singular_vectors(scores: torch.Tensor, indices: torch.Tensor, concepts
         fh.write(f"{value}\n")
         fh.flush()
 
+    prepare = getattr(scorer, "prepare", None)  # a scorer that embeds concepts does it in one batched pass
+    if prepare is not None and len(done) < H * r:
+        prepare([concepts[int(k)] for k in torch.unique(flat_i[len(done):][flat_s[len(done):] > 0]).tolist()])
     try:
         done += score_concept_lists(flat_s, flat_i, concepts, scorer, template=template, start=len(done),
                                     on_score=append if fh is not None else None, progress=progress)
