@@ -104,15 +104,50 @@ def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpo
     return model, preprocess, tokenizer
 
 
+_HASH_CACHE_ATTR = "_fastinterp_weights_hashes"
+
+
+def _weights_key(state: dict, exclude_prefix: str | None) -> tuple:
+    """What identifies the current weights without reading them: per tensor its name,
+    storage address, shape, dtype, device and version counter (bumped by every in-place
+    write through the tensor or a view of it: `copy_`, `mul_`, `load_state_dict`...)."""
+    return tuple((k, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
+                 for k, t in sorted(state.items())
+                 if not (exclude_prefix and k.startswith(exclude_prefix)))
+
+
 def weights_hash(model, *, exclude_prefix: str | None = None) -> str:
     """SHA-256 over the state dict (names, shapes, dtypes, bytes), skipping keys that start
-    with `exclude_prefix` (e.g. "visual." to key text embeddings on the text tower only)."""
+    with `exclude_prefix` (e.g. "visual." to key text embeddings on the text tower only).
+
+    Computed once per model and reused while the weights are unchanged: the cached value is
+    keyed by every tensor's storage address and version counter, so an in-place edit (e.g.
+    `fastinterp.sith.apply_multipliers`, `load_state_dict`) or a move recomputes it. An edit
+    that bypasses autograd's version counter (writing through `param.data`) is not seen:
+    call `invalidate_weights_hash(model)` after one.
+    """
+    state = model.state_dict(keep_vars=True)
+    key = _weights_key(state, exclude_prefix)
+    cache = model.__dict__.get(_HASH_CACHE_ATTR)
+    if cache is not None and cache.get(exclude_prefix, (None,))[0] == key:
+        return cache[exclude_prefix][1]
     h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        if exclude_prefix and key.startswith(exclude_prefix):
+    for name, tensor in sorted(state.items()):
+        if exclude_prefix and name.startswith(exclude_prefix):
             continue
         t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, _HASH_CACHE_ATTR, cache)
+    cache[exclude_prefix] = (key, digest)
+    return digest
+
+
+def invalidate_weights_hash(model) -> None:
+    """Forget `weights_hash`'s cached values for `model` (after editing weights through
+    `.data`, which the version counters do not record)."""
+    model.__dict__.pop(_HASH_CACHE_ATTR, None)
