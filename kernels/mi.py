@@ -267,12 +267,25 @@ def curve_auc(curve) -> float:
 # ----------------------------------------------------------------------------------------
 
 
+class InvalidParameterError(ValueError, TypeError):
+    """A parameter of the wrong type, as scikit-learn's `InvalidParameterError` (which is
+    both a ValueError and a TypeError, so either `except` catches it)."""
+
+
+def _is_array_like(x) -> bool:
+    """scikit-learn's "array-like": has a length, a shape or __array__, and is not a scalar
+    (a string is a scalar)."""
+    if isinstance(x, (str, bytes)) or np.isscalar(x) or isinstance(x, numbers.Number):
+        return False
+    return hasattr(x, "__len__") or hasattr(x, "shape") or hasattr(x, "__array__")
+
+
 def _labels_array(labels, name: str) -> np.ndarray:
     if labels is None:
         raise ValueError(f"{name} must be 1D: shape is ()")
-    if isinstance(labels, (str, bytes)) or isinstance(labels, numbers.Number):
-        raise ValueError(f"The '{name}' parameter of mutual_info_score must be an array-like. "
-                         f"Got {labels!r} instead.")
+    if not _is_array_like(labels):
+        raise InvalidParameterError(f"The '{name}' parameter of mutual_info_score must be an array-like or None. "
+                                    f"Got {labels!r} instead.")
     arr = _to_numpy(labels)
     if arr.dtype.kind == "c":
         raise ValueError(f"Complex data not supported ({name})")
@@ -281,9 +294,21 @@ def _labels_array(labels, name: str) -> np.ndarray:
             raise ValueError(f"Input contains NaN ({name}).")
         if np.isinf(arr).any():
             raise ValueError(f"Input contains infinity or a value too large for {arr.dtype!r} ({name}).")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1D: shape is {arr.shape!r}")
     return arr
+
+
+def _target_type(arr: np.ndarray) -> str:
+    """scikit-learn's `type_of_target` for 1-D labels: continuous, binary or multiclass."""
+    if arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.floor(arr)):
+        return "continuous"
+    return "binary" if np.unique(arr).size <= 2 else "multiclass"
+
+
+def _warn_continuous(lt: np.ndarray, lp: np.ndarray) -> None:
+    continuous = [a.dtype.kind == "f" and a.size and not np.array_equal(a, np.floor(a)) for a in (lt, lp)]
+    if any(continuous):
+        warnings.warn(f"Clustering metrics expects discrete values but received {_target_type(lt)} values "
+                      f"for label, and {_target_type(lp)} values for target", UserWarning, stacklevel=3)
 
 
 def _codes(arr: np.ndarray) -> tuple[np.ndarray, int]:
@@ -293,11 +318,13 @@ def _codes(arr: np.ndarray) -> tuple[np.ndarray, int]:
         as_int = arr.astype(np.int64)
         if np.array_equal(as_int, arr):
             arr, kind = as_int, "i"
-    if kind in "iub" and arr.size:
-        lo = int(arr.min())
-        hi = int(arr.max())
-        if hi - lo <= 4 * arr.size + 1024:  # dense range: codes are the values themselves
-            return (arr.astype(np.int64) - lo), hi - lo + 1
+    if kind == "b":
+        arr, kind = arr.astype(np.uint8), "u"
+    if kind in "iu" and arr.size:
+        lo, hi = arr.min(), arr.max()
+        if int(hi) - int(lo) <= 4 * arr.size + 1024:  # dense range: codes are the offsets from the minimum
+            # subtract in the labels' own dtype (uint64 labels above 2**63 do not fit int64; arr >= lo)
+            return (arr - lo).astype(np.int64), int(hi) - int(lo) + 1
     _, inverse = np.unique(arr, return_inverse=True)
     inverse = inverse.reshape(-1).astype(np.int64, copy=False)
     return inverse, int(inverse.max()) + 1 if inverse.size else 0
@@ -323,12 +350,11 @@ def mutual_info_score(labels_true, labels_pred, *, contingency=None) -> float:
     if contingency is None:
         lt = _labels_array(labels_true, "labels_true")
         lp = _labels_array(labels_pred, "labels_pred")
-        for arr, other in ((lt, lp), (lp, lt)):
-            if arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.floor(arr)):
-                warnings.warn(
-                    "Clustering metrics expects discrete values but received continuous values "
-                    "for label, and discrete values for target", UserWarning, stacklevel=2)
-                break
+        if lt.ndim == 1 and lp.ndim == 1:
+            _warn_continuous(lt, lp)
+        for arr, name in ((lt, "labels_true"), (lp, "labels_pred")):
+            if arr.ndim != 1:
+                raise ValueError(f"{name} must be 1D: shape is {arr.shape!r}")
         if lt.shape[0] != lp.shape[0]:
             raise ValueError("Found input variables with inconsistent numbers of samples: "
                              f"[{lt.shape[0]}, {lp.shape[0]}]")
@@ -342,6 +368,9 @@ def mutual_info_score(labels_true, labels_pred, *, contingency=None) -> float:
         return float(FORMS["mutual_info_score"][form].fn(ct, cp, n_rows, n_cols, dense_limit))
 
     table = contingency
+    if not _is_array_like(table) and not hasattr(table, "toarray"):
+        raise InvalidParameterError(f"The 'contingency' parameter of mutual_info_score must be an array-like, "
+                                    f"a sparse matrix or None. Got {table!r} instead.")
     if hasattr(table, "toarray"):  # scipy sparse
         table = table.toarray()
     table = _to_numpy(table)
