@@ -41,11 +41,12 @@ change when a constant is added to M, so ``M - M.min()`` is the usual fix.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
 
-from .dispatch import HAS_NUMBA, choose_backend, numba_form, register
+from .dispatch import HAS_NUMBA, choose_backend, last_backend, numba_form, register
 from .sinkhorn_batch import FORMS as _BATCH_TABLE
 from .sinkhorn_batch import sinkhorn_batched
 from .sinkhorn_checks import (  # noqa: F401  (status codes and METHODS: public names of this module)
@@ -64,6 +65,7 @@ from .sinkhorn_checks import (  # noqa: F401  (status codes and METHODS: public 
     _sums_match,
     _warn_status,
 )
+from .sinkhorn_pot import POT_ONLY_METHODS, call_pot, check_call, pot_reason
 
 if HAS_NUMBA:
     from . import sinkhorn_numba as _nb
@@ -133,56 +135,95 @@ def _log_info(errs, niter, status, u, v, code: int, M_torch: bool) -> dict:
     return info
 
 
-def sinkhorn(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
-             warmstart=None, *, method: str = "sinkhorn", allow_negative_cost: bool = False,
-             backend: str | None = None):
-    """Entropic OT plan: POT's ``ot.sinkhorn`` contract.
+def _legacy_order(method, numItermax):
+    """(method, numItermax): an integer 5th positional argument is numItermax (this module's
+    order before it took POT's, where the 5th is the method)."""
+    if isinstance(method, numbers.Integral) and not isinstance(method, bool):
+        if numItermax != 1000:
+            raise TypeError("sinkhorn(a, b, M, reg, method, numItermax, stopThr, ...) is POT's order: the 5th "
+                            "positional argument is the method name; pass numItermax=... by keyword")
+        return "sinkhorn", int(method)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string such as 'sinkhorn' or 'sinkhorn_log', got {method!r}")
+    return method, numItermax
+
+
+def _masses_match(a_np, b_np, M_np) -> bool:
+    sa = float(a_np.sum(dtype=np.float64)) if a_np.size else 1.0
+    sb = float(b_np.sum(dtype=np.float64)) if b_np.size else 1.0
+    return bool(_sums_match(sa, sb, _float_dtype(M_np, a_np, b_np)))
+
+
+def _print_errors(errs) -> None:
+    for k, e in enumerate(errs):
+        if k % 20 == 0:
+            print("{:5s}|{:12s}".format("It.", "Err") + "\n" + "-" * 19)
+        print("{:5d}|{:8e}|".format(10 * k, e))
+
+
+def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False,
+             warn=True, warmstart=None, *, allow_negative_cost: bool = True, backend: str | None = None, **kwargs):
+    """Entropic OT plan: POT's ``ot.sinkhorn`` contract (same arguments, order, result and warnings).
 
     Args:
         a: (n,) source weights, or [] for uniform.
-        b: (m,) target weights, or [] for uniform (sum(b) must equal sum(a)).
-        M: (n, m) cost matrix, finite (non-negative unless ``allow_negative_cost``).
+        b: (m,) target weights, [] for uniform, or (m, k) histograms (then, as POT, the k
+            Sinkhorn losses come back instead of a plan).
+        M: (n, m) cost matrix, finite (negative entries allowed, as in POT).
         reg: regularisation > 0.
+        method: "sinkhorn" (default), "sinkhorn_log", POT's "greenkhorn",
+            "sinkhorn_stabilized", "sinkhorn_epsilon_scaling" (run by POT itself), or
+            "reference"/"fixed_iterations" (the mutual-knowledge reference's loop).
         numItermax: maximum iterations ("reference": the exact number of iterations).
         stopThr: stop when the column-marginal error (checked every 10th iteration) < stopThr.
         verbose: print the errors as POT does (after the solve).
         log: also return a dict like POT's: "err" (list), "niter" (index of the last
             iteration), "u", "v" (and "log_u", "log_v" for "sinkhorn_log").
-        warn: warn on non-convergence or numerical errors.
+        warn: warn on non-convergence, in POT's words.
         warmstart: (log_u (n,), log_v (m,)) start potentials, as in POT.
-        method: "sinkhorn" (default), "sinkhorn_log", or "reference"/"fixed_iterations".
-            A string in the numItermax position is read as the method (POT's positional
-            order is ``sinkhorn(a, b, M, reg, method, numItermax, ...)``).
-        allow_negative_cost: accept negative entries of M.
-        backend: None or "numba".
+        allow_negative_cost: False refuses negative entries of M (a ValueError).
+        backend: None or "numba" (the kernel's only form).
+        **kwargs: POT's solver keywords (e.g. ``tau`` for "sinkhorn_stabilized"): passed to POT.
 
     Returns:
-        (n, m) plan, numpy (or a CPU torch tensor when M is one), in the inputs' float dtype;
-        with ``log=True`` the tuple (plan, log dict).
+        (n, m) plan, numpy (or a torch tensor when M is one), in the inputs' float dtype;
+        with ``log=True`` the tuple (plan, log dict). Calls the Numba kernel does not cover
+        (see ``sinkhorn_pot``) are POT's own ``ot.sinkhorn`` and return exactly its result.
+
+    Raises:
+        ValueError for what POT turns into NaN or a meaningless plan: NaN/inf costs or
+        weights, negative weights, reg <= 0, shape mismatches; TypeError for non-numbers.
     """
-    if isinstance(numItermax, str):  # POT's positional order: (a, b, M, reg, method, ...)
-        if not (isinstance(stopThr, float) and stopThr == 1e-9):
-            raise TypeError("sinkhorn(a, b, M, reg, method, ...): with the method as 5th positional "
-                            "argument (POT's order) pass numItermax=..., stopThr=... by keyword")
-        method, numItermax = numItermax, 1000
-    code = _method_code(method)
+    method, numItermax = _legacy_order(method, numItermax)
+    key = method.lower()
+    code = None if key in POT_ONLY_METHODS else _method_code(method)
     numItermax, stopThr = _check_scalars(numItermax, stopThr)
+    a_np, b_np, M_np, reg = check_call(a, b, M, reg)
+    if not allow_negative_cost and code != 2 and (M_np < 0).any():
+        _raise_bad_cost(np.array([BAD_COST_NEGATIVE]), "")
+    if code != 2:
+        why = pot_reason(a, b, M, a_np, b_np, M_np, reg, key, kwargs, _masses_match)
+        if why is not None:
+            if backend is not None:
+                choose_backend("sinkhorn", (), backend=backend)  # a bad name is still an error
+            last_backend["sinkhorn"] = "pot"
+            return call_pot(a, b, M, reg, key, numItermax, stopThr, verbose, log, warn, warmstart, kwargs)
+    elif kwargs:
+        raise TypeError(f"method={method!r} takes no solver keywords, got {sorted(kwargs)}")
     form = choose_backend("sinkhorn", [x for x in (a, b, M) if isinstance(x, torch.Tensor)], backend=backend)
     Mf, af, bf, n, m, reg, out_dtype, M_torch = _single_problem(a, b, M, reg, code, method)
     u, v = _start_point(warmstart, code, n, m)
     errs = np.full(numItermax // 10 + 1, np.nan)
     out = np.empty(n * m)
     niter, status, err = _SINGLE_FORMS[form].fn(code, Mf, 0, n, m, m, af, bf, reg, u, v, numItermax, stopThr,
-                                                errs, out, code != 2 and not allow_negative_cost)
+                                                errs, out, False)
     _raise_bad_cost(np.array([status]), "")
-    if warn and code != 2:
-        _warn_status(np.array([status]), np.array([niter]), np.array([err]), numItermax, stopThr, False)
+    if code != 2:
+        _warn_status(np.array([status]), np.array([niter]), np.array([err]), numItermax, stopThr, False,
+                     warn=warn)
     errs = errs[~np.isnan(errs)]
-    if verbose:
-        for k, e in enumerate(errs):
-            if k % 20 == 0:
-                print("{:5s}|{:12s}".format("It.", "Err") + "\n" + "-" * 19)
-            print("{:5d}|{:8e}|".format(10 * k, e))
+    if verbose:  # POT's Knopp loop prints an error only when it did not stop on it
+        _print_errors(errs[:-1] if code == 0 and errs.size and errs[-1] < stopThr else errs)
     plan = out.reshape(n, m).astype(out_dtype, copy=False)
     plan = torch.from_numpy(plan) if M_torch else plan
     if not log:
@@ -225,7 +266,8 @@ def sinkhorn_fixed(S, scale: float = 2.5, epsilon: float = 1.0, iters: int = 100
     if cost.ndim == 3:
         plans = sinkhorn_batched(None, None, cost, 1.0, iters, method="reference", backend=backend)
     elif cost.ndim == 2:
-        plans = sinkhorn(np.zeros(0), np.zeros(0), cost, 1.0, iters, method="reference", backend=backend)
+        plans = sinkhorn(np.zeros(0), np.zeros(0), cost, 1.0, method="reference", numItermax=iters,
+                         backend=backend)
     else:
         raise ValueError(f"S must be (L, K), (B, L, K) or a list of 2-D matrices, got shape {cost.shape}")
     plans = plans.astype(dt, copy=False)

@@ -18,11 +18,17 @@ CONVERGED, NOT_CONVERGED, NUMERICAL_ERROR, BAD_COST_NONFINITE, BAD_COST_NEGATIVE
 
 def _as_array(x, name: str) -> tuple[np.ndarray, bool]:
     """numpy view/copy of x; True when it was a torch tensor."""
+    if x is None:
+        raise TypeError(f"{name} is None: pass a numeric array (numpy, a list, or a CPU torch tensor)")
     if isinstance(x, torch.Tensor):
         if x.is_cuda:
             raise RuntimeError(f"sinkhorn runs on the CPU (Numba): move {name} to the CPU")
         return x.detach().numpy(), True
-    return np.asarray(x), False
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__} holding non-numbers "
+                        f"(or rows of different lengths)")
+    return arr, False
 
 
 def _float_dtype(*arrays) -> np.dtype:
@@ -84,21 +90,31 @@ def _raise_bad_cost(status: np.ndarray, what: str) -> None:
               "allow_negative_cost=True to solve as is")
 
 
+POT_NOT_CONVERGED = ("Sinkhorn did not converge. You might want to increase the number of iterations "
+                     "`numItermax` or the regularization parameter `reg`.")
+"""POT's non-convergence warning, word for word (the single-problem `sinkhorn` gives POT's warnings)."""
+
+
 def _warn_status(status: np.ndarray, niter: np.ndarray, err: np.ndarray, numItermax: int,
-                 stopThr: float, batched: bool) -> None:
+                 stopThr: float, batched: bool, *, warn: bool = True) -> None:
+    """Warnings for the kernels' status codes. One problem: POT's texts, and (as POT) the
+    numerical-error warning even with warn=False. A batch: counts and the first problems."""
     numerical = np.flatnonzero(status == NUMERICAL_ERROR)
     if numerical.size:
-        where = (f"{numerical.size} of {status.size} problems (first: {numerical[:5].tolist()})"
-                 if batched else f"iteration {int(niter[0])}")
-        warnings.warn(f"sinkhorn: numerical errors (K^T u hit 0, or u/v overflowed) at {where}; "
-                      f"the previous iterate is returned. method='sinkhorn_log' or a larger reg "
-                      f"avoids this", UserWarning, stacklevel=3)
+        if batched:
+            warnings.warn(f"sinkhorn: numerical errors (K^T u hit 0, or u/v overflowed) in {numerical.size} of "
+                          f"{status.size} problems (first: {numerical[:5].tolist()}); the previous iterate is "
+                          f"returned. method='sinkhorn_log' or a larger reg avoids this", UserWarning, stacklevel=3)
+        else:
+            warnings.warn(f"Warning: numerical errors at iteration {int(niter[0])}", UserWarning, stacklevel=3)
     slow = np.flatnonzero(status == NOT_CONVERGED)
-    if slow.size:
-        which = f"{slow.size} of {status.size} problems" if batched else "the problem"
-        warnings.warn(f"sinkhorn did not converge for {which} in numItermax={numItermax} iterations "
-                      f"(marginal error {float(np.max(err[slow])):.3g} > stopThr={stopThr:g}): "
-                      f"increase numItermax or reg", UserWarning, stacklevel=3)
+    if slow.size and warn:
+        if batched:
+            warnings.warn(f"sinkhorn did not converge for {slow.size} of {status.size} problems in "
+                          f"numItermax={numItermax} iterations (marginal error {float(np.max(err[slow])):.3g} > "
+                          f"stopThr={stopThr:g}): increase numItermax or reg", UserWarning, stacklevel=3)
+        else:
+            warnings.warn(POT_NOT_CONVERGED, UserWarning, stacklevel=3)
 
 
 def _ragged(x, name: str, count: int):
