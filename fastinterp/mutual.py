@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .concepts import ConceptDictionary
 from .io import atomic_write_json, read_json, safe_name
 from .kernels.mi import curve_auc, dataset_curve, mi_curves
-from .vision import PART_METHODS, VisualConcepts, extract_visual_concepts
+from .vision import PART_METHODS, VisualConcepts, extract_visual_concepts, stage
 
 __all__ = [
     "IMAGENET_TEMPLATES", "curve_auc", "dataset_curve", "mi_curves", "load_descriptors",
@@ -136,7 +136,8 @@ def class_embeddings(model, tokenizer, class_names: Sequence[str], *, templates=
 
 def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Tensor, *,
                        top_initial: int = 500, relevance_offset: float = 0.02, per_part: int = 3,
-                       scale: float = 2.5, sinkhorn_iters: int = 1000) -> list[dict]:
+                       scale: float = 2.5, sinkhorn_iters: int = 1000,
+                       timings: dict | None = None) -> list[dict]:
     """Descriptors of each image's parts, batched over images (SPEC.md 3.2, D_v).
 
     Args:
@@ -153,6 +154,7 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
         B dicts: "part_ids" (list of P_b lists of descriptor ids), "ids" (ordered vision
         concepts), "scores" (scale * rel of each), "common" (size of the intersection) and
         "kept" (after the relevance filter).
+    `timings`: the Sinkhorn call's seconds are added to "sinkhorn" (``vision.stage``).
     """
     from .kernels.sinkhorn import sinkhorn_fixed
 
@@ -183,7 +185,8 @@ def vision_descriptors(part_logits: Sequence[torch.Tensor], relevance: torch.Ten
             continue
         problems.append(part_logits[b].double()[:, keep])
         where.append((b, keep))
-    plans = sinkhorn_fixed(problems, scale=scale, epsilon=1.0, iters=sinkhorn_iters) if problems else []
+    with stage(timings, "sinkhorn"):
+        plans = sinkhorn_fixed(problems, scale=scale, epsilon=1.0, iters=sinkhorn_iters) if problems else []
     for P, S, (b, keep) in zip(plans, problems, where):
         out[b].update(_plan_picks(P, S, keep, rel[b], min(per_part, keep.numel()), scale))
     return out
@@ -266,7 +269,8 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
             top_initial: int = 500, relevance_offset: float = 0.02, per_part: int = 3,
             templates=IMAGENET_TEMPLATES, descriptor_template: str = "{}", batch_size: int = 64,
             cache_dir=None, descriptor_embeddings: torch.Tensor | None = None,
-            class_embeddings_: torch.Tensor | None = None, progress: bool = False) -> MutualExplanation:
+            class_embeddings_: torch.Tensor | None = None, progress: bool = False,
+            timings: dict | None = None) -> MutualExplanation:
     """Mutual-knowledge explanations of a batch of images (processed together).
 
     Args:
@@ -280,6 +284,11 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         u, u_venn: sizes of D_y for the MI (50) and for the concept-set figure (15).
         descriptor_embeddings, class_embeddings_: precomputed raw (M, d) / unit (C, d)
             embeddings (skip encoding; the dataset runner passes them).
+        timings: a dict that gets the seconds of each stage added (``vision.stage``):
+            "text_embeddings" (encoding or cache reads), the vision side's stages (see
+            ``extract_visual_concepts``: "clip_forward_images", "clip_forward_parts",
+            "preprocess", "foreground", "crf", "parts"), "language" (prediction, D_y,
+            relevance), "descriptor_selection", "sinkhorn", "mi" and "records".
     Returns:
         MutualExplanation; each record holds the prediction, foreground sizes, D_y, and per
         part method the parts (with ellipses and descriptors), D_v with scores, the MI curve,
@@ -293,24 +302,17 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
     if B == 0:
         raise ValueError("explain needs at least one image")
     labels = _check_labels(labels, B, class_names, language_from)
-    if descriptor_embeddings is None:
-        descriptor_embeddings = bank.encode(model, tokenizer, template=descriptor_template,
-                                            cache_dir=cache_dir, progress=progress)
-    if descriptor_embeddings.shape[0] != len(bank):
-        raise ValueError(f"{descriptor_embeddings.shape[0]} descriptor embeddings for {len(bank)} descriptors")
-    if class_embeddings_ is None:
-        class_embeddings_ = class_embeddings(model, tokenizer, class_names, templates=templates,
-                                             cache_dir=cache_dir, progress=progress)
-    desc = F.normalize(descriptor_embeddings.float(), dim=-1)
-    cls = F.normalize(class_embeddings_.float(), dim=-1)
-
+    with stage(timings, "text_embeddings"):
+        desc, cls = _text_embeddings(model, tokenizer, bank, class_names, templates, descriptor_template,
+                                     cache_dir, descriptor_embeddings, class_embeddings_, progress)
     vc = extract_visual_concepts(model, preprocess, images, methods=methods, n_parts=n_parts, facet=facet,
-                                 seed=seed, crf=crf, batch_size=batch_size, progress=progress)
-    img = F.normalize(vc.image_embeddings, dim=-1)
-    predicted = (img @ cls.T).argmax(dim=1).tolist()
-    lang = language_descriptors(cls, desc, labels if language_from == "label" else predicted, u)
-    lang_venn = lang[:, :min(u_venn, lang.shape[1])]
-    relevance = img @ desc.T
+                                 seed=seed, crf=crf, batch_size=batch_size, progress=progress, timings=timings)
+    with stage(timings, "language"):
+        img = F.normalize(vc.image_embeddings, dim=-1)
+        predicted = (img @ cls.T).argmax(dim=1).tolist()
+        lang = language_descriptors(cls, desc, labels if language_from == "label" else predicted, u)
+        lang_venn = lang[:, :min(u_venn, lang.shape[1])]
+        relevance = img @ desc.T
     texts = bank.texts
     records = [{
         "predicted": predicted[b],
@@ -325,15 +327,31 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         "methods": {},
     } for b in range(B)]
     for method in methods:
-        logits = [e @ desc.T for e in vc.parts[method].embeddings]
-        vis = vision_descriptors(logits, relevance, top_initial=top_initial,
-                                 relevance_offset=relevance_offset, per_part=per_part)
-        for b, rec in enumerate(_method_records(vc.parts[method], vis, lang, lang_venn, texts)):
+        with stage(timings, "descriptor_selection"):
+            logits = [e @ desc.T for e in vc.parts[method].embeddings]
+            vis = vision_descriptors(logits, relevance, top_initial=top_initial,
+                                     relevance_offset=relevance_offset, per_part=per_part, timings=timings)
+        for b, rec in enumerate(_method_records(vc.parts[method], vis, lang, lang_venn, texts, timings)):
             records[b]["methods"][method] = rec
     for b in range(B):
         if records[b]["foreground_patches"] == 0:
             records[b]["note"] = "empty foreground: no parts, no vision concepts, MI 0"
     return MutualExplanation(records, vc, bank)
+
+
+def _text_embeddings(model, tokenizer, bank, class_names, templates, descriptor_template, cache_dir,
+                     descriptor_embeddings, class_embeddings_, progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit descriptor embeddings (M, d), unit class embeddings (C, d)), encoded (or read
+    from the cache) unless given."""
+    if descriptor_embeddings is None:
+        descriptor_embeddings = bank.encode(model, tokenizer, template=descriptor_template,
+                                            cache_dir=cache_dir, progress=progress)
+    if descriptor_embeddings.shape[0] != len(bank):
+        raise ValueError(f"{descriptor_embeddings.shape[0]} descriptor embeddings for {len(bank)} descriptors")
+    if class_embeddings_ is None:
+        class_embeddings_ = class_embeddings(model, tokenizer, class_names, templates=templates,
+                                             cache_dir=cache_dir, progress=progress)
+    return F.normalize(descriptor_embeddings.float(), dim=-1), F.normalize(class_embeddings_.float(), dim=-1)
 
 
 def _check_labels(labels, B: int, class_names, language_from: str):
@@ -350,13 +368,20 @@ def _check_labels(labels, B: int, class_names, language_from: str):
     return labels
 
 
-def _method_records(pr, vis: list[dict], lang: torch.Tensor, lang_venn: torch.Tensor, texts) -> list[dict]:
+def _method_records(pr, vis: list[dict], lang: torch.Tensor, lang_venn: torch.Tensor, texts,
+                    timings: dict | None = None) -> list[dict]:
     """One part method's record per image: its parts, D_v, the MI curve and the concept sets.
 
     pr: the method's parts (`VisualConcepts.parts[method]`); vis: `vision_descriptors` of
     them; lang / lang_venn: (B, u) / (B, u_venn) D_y ids.
     """
-    curves = mi_curves([v["ids"] for v in vis], [lang[b].tolist() for b in range(len(vis))])
+    with stage(timings, "mi"):
+        curves = mi_curves([v["ids"] for v in vis], [lang[b].tolist() for b in range(len(vis))])
+    with stage(timings, "records"):
+        return _records_of(pr, vis, curves, lang_venn, texts)
+
+
+def _records_of(pr, vis: list[dict], curves, lang_venn: torch.Tensor, texts) -> list[dict]:
     out = []
     for b, v in enumerate(vis):
         vision_set = [texts[i] for i in v["ids"]]

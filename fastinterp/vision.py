@@ -22,7 +22,9 @@ preprocessed image turned back into uint8 RGB, as the reference does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -40,6 +42,46 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # dense CRF parameters (SPEC.md 3.1)
 CRF_PARAMS = {"bilateral_sxy": 40.0, "bilateral_srgb": 13.0, "bilateral_compat": 10.0,
               "gaussian_sxy": 3.0, "gaussian_compat": 3.0, "iterations": 5}
+
+
+def stage(timings: dict | None, name: str):
+    """Context manager adding the seconds spent inside it to ``timings[name]`` (a no-op when
+    `timings` is None): the per-stage breakdown of ``extract_visual_concepts`` and
+    ``fastinterp.mutual.explain``. Stages nest exclusively: time in an inner stage counts
+    for the inner one only, so the values add up to the wall time of the outermost ones."""
+    if timings is None:
+        return contextlib.nullcontext()
+    return _Stage(timings, name)
+
+
+_STAGE_STACKS: dict[int, list] = {}
+
+
+class _Stage:
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+    def __enter__(self):
+        now = time.perf_counter()
+        stack = _STAGE_STACKS.setdefault(id(self.timings), [])
+        if stack:  # pause the enclosing stage
+            self._add(stack[-1].name, now - stack[-1].t0)
+        stack.append(self)
+        self.t0 = now
+
+    def __exit__(self, *exc):
+        now = time.perf_counter()
+        self._add(self.name, now - self.t0)
+        stack = _STAGE_STACKS[id(self.timings)]
+        stack.pop()
+        if stack:
+            stack[-1].t0 = now
+        else:
+            del _STAGE_STACKS[id(self.timings)]
+        return False
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,12 +195,50 @@ def orient_minority_positive(u: np.ndarray) -> np.ndarray:
 
 def second_singular_vector(features: torch.Tensor) -> np.ndarray:
     """u1, the second left singular vector of the row-L2-normalised (n, D) matrix, float64,
-    before the sign rule. Computed from the eigenvectors of the smaller Gram matrix
-    (X X^T when n <= D, else X^T X with u1 = X v1 / s1)."""
+    before the sign rule.
+
+    Only the top two singular pairs are needed, so they come from a Lanczos eigensolver
+    (ARPACK `eigsh`, k=2, tolerance 0 = machine precision, fixed start vector) applied as
+    matrix-vector products with the smaller Gram matrix (X X^T when n <= D, else X^T X with
+    u1 = X v1 / s1), never formed; small matrices (min(n, D) <= 64) use a dense `eigh`.
+    Both give the same vector to ~1e-12 and the sign rule makes the result sign-free, except
+    for a one-signed u1, where the sign decides (all or nothing) and the dense path is used.
+    """
     X = F.normalize(features.reshape(-1, features.shape[-1]).double(), dim=-1)
     n, d = X.shape
     if n < 2:
         return np.zeros(n)
+    if min(n, d) <= 64:
+        return _second_singular_vector_dense(X)
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    A = X.numpy()
+    if n <= d:
+        op = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
+    else:
+        op = LinearOperator((d, d), matvec=lambda v: A.T @ (A @ v), dtype=np.float64)
+    m = op.shape[0]
+    v0 = np.ones(m) / math.sqrt(m)
+    w, V = eigsh(op, k=2, which="LA", tol=0, v0=v0, ncv=min(m, 32))
+    i = int(np.argmin(w))
+    if n <= d:
+        u = np.ascontiguousarray(V[:, i])
+    else:
+        s1 = math.sqrt(max(float(w[i]), 0.0))
+        if s1 == 0.0:
+            return np.zeros(n)
+        u = A @ V[:, i] / s1
+    if (u > 0).all() or (u < 0).all():
+        # one-signed u1: the sign rule keeps whatever sign the solver returned, so take the
+        # dense solver's, as before (rare; the foreground is then all or nothing)
+        return _second_singular_vector_dense(X)
+    return u
+
+
+def _second_singular_vector_dense(X: torch.Tensor) -> np.ndarray:
+    """`second_singular_vector` by a full `eigh` of the smaller Gram matrix (the reference
+    computation, used for small matrices and to check the Lanczos path)."""
+    n, d = X.shape
     if n <= d:
         w, V = torch.linalg.eigh(X @ X.T)
         return V[:, -2].numpy()
@@ -389,9 +469,10 @@ def visual_prompts(image: np.ndarray, ellipses: Sequence[Ellipse], *, thickness:
 
 @torch.no_grad()
 def encode_prompts(model, prompts: np.ndarray, mean, std, *, batch_size: int = 64,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, timings: dict | None = None) -> torch.Tensor:
     """Part embeddings from prompted images: (P, 3, S, S, 3) uint8 -> (P, d) fp32 on CPU, the
-    mean of the three L2-normalised image embeddings of each part."""
+    mean of the three L2-normalised image embeddings of each part. `timings`: the
+    ``encode_image`` calls add to "clip_forward_parts" (see `stage`)."""
     from tqdm.auto import tqdm
 
     P = prompts.shape[0]
@@ -404,7 +485,9 @@ def encode_prompts(model, prompts: np.ndarray, mean, std, *, batch_size: int = 6
     for start in tqdm(range(0, flat.shape[0], batch_size), desc="encoding visual prompts",
                       disable=not progress, unit="batch", leave=False):
         x = from_uint8_images(flat[start:start + batch_size], mean, std).to(device=device, dtype=dtype)
-        embs.append(F.normalize(model.encode_image(x, normalize=False).float(), dim=-1).cpu())
+        with stage(timings, "clip_forward_parts"):
+            emb = model.encode_image(x, normalize=False)
+        embs.append(F.normalize(emb.float(), dim=-1).cpu())
     return torch.cat(embs).reshape(P, 3, -1).mean(1)
 
 
@@ -449,9 +532,12 @@ def preprocess_images(images, preprocess) -> torch.Tensor:
 
 def extract_visual_concepts(model, preprocess, images, *, methods: Sequence[str] = ("pca",),
                             n_parts: int = 5, facet: str = "tokens", seed: int = 0, crf: bool = True,
-                            batch_size: int = 64, progress: bool = False) -> VisualConcepts:
+                            batch_size: int = 64, progress: bool = False,
+                            timings: dict | None = None) -> VisualConcepts:
     """Run the vision side on a batch of PIL images (processed together, as the reference
-    processes one class). See the module docstring for the steps."""
+    processes one class). See the module docstring for the steps. `timings` (a dict) gets
+    the seconds of each stage added: "preprocess", "clip_forward_images", "foreground",
+    "crf", "parts" (parts, ellipses, prompted images) and "clip_forward_parts"."""
     methods = tuple(methods)
     for m in methods:
         if m not in PART_METHODS:
@@ -462,37 +548,52 @@ def extract_visual_concepts(model, preprocess, images, *, methods: Sequence[str]
     if len(images) == 0:
         raise ValueError("no images given")
     mean, std = normalization_of(preprocess, model)
-    pixels = preprocess_images(images, preprocess)
+    with stage(timings, "preprocess"):
+        pixels = preprocess_images(images, preprocess)
     S = pixels.shape[-1]
     if pixels.shape[-2:] != tuple(info.image_size):
         raise ValueError(f"preprocess gives {tuple(pixels.shape[-2:])} images but the model takes "
                          f"{info.image_size}; use the preprocess returned by load_clip")
-    feats, img_emb = patch_features(model, pixels, facet=facet, batch_size=batch_size)
-    uint8 = to_uint8_images(pixels, mean, std)
-    fg, u = foreground_masks(feats, info.patch_grid)
+    with stage(timings, "clip_forward_images"):
+        feats, img_emb = patch_features(model, pixels, facet=facet, batch_size=batch_size)
+    with stage(timings, "preprocess"):
+        uint8 = to_uint8_images(pixels, mean, std)
+    with stage(timings, "foreground"):
+        fg, u = foreground_masks(feats, info.patch_grid)
     B = len(images)
     crf_masks = np.zeros((B, S, S), dtype=bool)
-    for b in range(B):
-        up = upsample_mask(fg[b], S)
-        crf_masks[b] = crf_refine(uint8[b], up) if crf else up
+    with stage(timings, "crf"):
+        for b in range(B):
+            up = upsample_mask(fg[b], S)
+            crf_masks[b] = crf_refine(uint8[b], up) if crf else up
     vc = VisualConcepts(uint8, img_emb, fg, u, crf_masks)
     for method in methods:
-        patch_parts = assign_parts(feats, fg, method=method, n_parts=n_parts, seed=seed)
-        pixel_parts = np.full((B, S, S), -1, dtype=np.int16)
-        part_ids, ellipses, prompts, counts = [], [], [], []
-        for b in range(B):
-            pp = upsample_mask(patch_parts[b].astype(np.int16), S)
-            pp[~crf_masks[b]] = -1
-            pixel_parts[b] = pp
-            ids = [int(v) for v in np.unique(pp) if v >= 0]
-            ells = [fit_part_ellipse(pp == i) for i in ids]
-            part_ids.append(ids)
-            ellipses.append(ells)
-            counts.append(len(ids))
-            if ids:
-                prompts.append(visual_prompts(uint8[b], ells))
-        allp = np.concatenate(prompts) if prompts else np.zeros((0, 3, S, S, 3), np.uint8)
-        emb = encode_prompts(model, allp, mean, std, batch_size=batch_size, progress=progress)
+        with stage(timings, "parts"):  # the prompts' encode_image calls count as clip_forward_parts
+            patch_parts, pixel_parts, part_ids, ellipses, allp = _method_parts(
+                feats, fg, crf_masks, uint8, method=method, n_parts=n_parts, seed=seed)
+            emb = encode_prompts(model, allp, mean, std, batch_size=batch_size, progress=progress,
+                                 timings=timings)
         vc.parts[method] = PartResult(method, patch_parts, pixel_parts, part_ids, ellipses,
-                                      list(torch.split(emb, counts)))
+                                      list(torch.split(emb, [len(ids) for ids in part_ids])))
     return vc
+
+
+def _method_parts(feats, fg, crf_masks, uint8, *, method: str, n_parts: int, seed: int):
+    """One part method on a batch: (patch parts, pixel parts, part ids and ellipses per
+    image, all prompted images (P, 3, S, S, 3))."""
+    B, S = uint8.shape[0], uint8.shape[1]
+    patch_parts = assign_parts(feats, fg, method=method, n_parts=n_parts, seed=seed)
+    pixel_parts = np.full((B, S, S), -1, dtype=np.int16)
+    part_ids, ellipses, prompts = [], [], []
+    for b in range(B):
+        pp = upsample_mask(patch_parts[b].astype(np.int16), S)
+        pp[~crf_masks[b]] = -1
+        pixel_parts[b] = pp
+        ids = [int(v) for v in np.unique(pp) if v >= 0]
+        ells = [fit_part_ellipse(pp == i) for i in ids]
+        part_ids.append(ids)
+        ellipses.append(ells)
+        if ids:
+            prompts.append(visual_prompts(uint8[b], ells))
+    allp = np.concatenate(prompts) if prompts else np.zeros((0, 3, S, S, 3), np.uint8)
+    return patch_parts, pixel_parts, part_ids, ellipses, allp
