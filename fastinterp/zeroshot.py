@@ -67,11 +67,11 @@ def text_classifier(model, tokenizer, class_names, templates=DEFAULT_TEMPLATES, 
     templates = _check_templates(templates)
     if device is None:
         device = next(model.parameters()).device
-    rows = []
-    for name in class_names:
-        emb = encode_texts(model, tokenizer, [t.format(name) for t in templates], progress=False, device=device)
-        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
-    return torch.stack(rows).to(device)
+    # one length-bucketed encode of every (class, template) prompt, then per class the mean
+    emb = encode_texts(model, tokenizer, [t.format(name) for name in class_names for t in templates],
+                       progress=False, device=device)
+    emb = F.normalize(emb, dim=-1).reshape(len(class_names), len(templates), -1)
+    return F.normalize(emb.mean(1), dim=-1).to(device)
 
 
 def top1_accuracy(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels) -> torch.Tensor:
