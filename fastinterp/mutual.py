@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from .concepts import ConceptDictionary
 from .io import atomic_write_json, read_json, safe_name
 from .kernels.mi import curve_auc, dataset_curve, mi_curves
+from .mutual_figures import PART_COLORS, overlay_parts, part_colors, plot_concept_sets, plot_mi_curves, plot_parts  # noqa: F401
 from .vision import PART_METHODS, VisualConcepts, extract_visual_concepts, stage
 
 __all__ = [
     "IMAGENET_TEMPLATES", "curve_auc", "dataset_curve", "mi_curves", "load_descriptors",
     "class_embeddings", "vision_descriptors", "language_descriptors", "explain",
     "MutualExplanation", "run_dataset", "read_class_names", "plot_parts", "plot_mi_curves",
-    "plot_concept_sets", "demo_descriptors",
+    "plot_concept_sets", "demo_descriptors", "part_colors",
 ]
 
 IMAGENET_TEMPLATES = (
@@ -47,10 +48,6 @@ IMAGENET_TEMPLATES = (
     "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of a {}.",
 )
 """The paper's zero-shot prompt templates for ImageNet (appendix L), averaged per class."""
-
-PART_COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 165, 0],
-                        [255, 192, 203], [160, 32, 240], [0, 255, 255], [128, 0, 0], [128, 128, 0]],
-                       dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,89 +409,7 @@ def _records_of(pr, vis: list[dict], curves, lang_venn: torch.Tensor, texts) -> 
 
 
 # ----------------------------------------------------------------------------------------
-# figures
-# ----------------------------------------------------------------------------------------
-
-def _figure(figsize):
-    """A stand-alone `matplotlib.figure.Figure` (no pyplot state, no backend switch)."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize)
-
-
-def overlay_parts(image: np.ndarray, pixel_parts: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """(S, S, 3) uint8 with each part (pixel_parts >= 0) blended in its colour."""
-    out = image.astype(np.float32).copy()
-    for pid in np.unique(pixel_parts):
-        if pid < 0:
-            continue
-        m = pixel_parts == pid
-        out[m] = (1 - alpha) * out[m] + alpha * PART_COLORS[pid % len(PART_COLORS)]
-    return out.clip(0, 255).astype(np.uint8)
-
-
-def plot_parts(image: np.ndarray, pixel_parts: np.ndarray, record: dict, method: str, path, *, title: str = ""):
-    """Image | parts overlay with ellipses, each part's colour next to its descriptors."""
-    import matplotlib.patches as mpatches
-
-    fig = _figure((9, 4.2))
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(image)
-    axes[0].set_title(title or record.get("predicted_class", ""), fontsize=9)
-    axes[1].imshow(overlay_parts(image, pixel_parts))
-    handles = []
-    for part in record["methods"][method]["parts"]:
-        color = PART_COLORS[part["part"] % len(PART_COLORS)] / 255.0
-        e = part["ellipse"]
-        axes[1].add_patch(mpatches.Ellipse(e["center"], e["axes"][0], e["axes"][1], angle=e["angle"],
-                                           fill=False, edgecolor=color, linewidth=1))
-        handles.append(mpatches.Patch(color=color, label="; ".join(part["descriptors"]) or "(none)"))
-    axes[1].set_title(f"{method} parts", fontsize=9)
-    for ax in axes:
-        ax.set_axis_off()
-    if handles:
-        axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-
-
-def plot_mi_curves(curves: dict, path, *, title: str = "MI dynamics"):
-    """One line per entry name -> curve (MI after removing t vision concepts), AUC in the legend."""
-    fig = _figure((5, 3.5))
-    ax = fig.subplots()
-    for name, curve in curves.items():
-        c = np.asarray(curve, dtype=float)
-        ax.plot(np.arange(len(c)), c, marker="o", markersize=3,
-                label=f"{name} (AUC {curve_auc(c):.3f})" if len(c) else name)
-    ax.set_xlabel("vision concepts removed (most important first)")
-    ax.set_ylabel("mutual information (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def plot_concept_sets(concept_sets: dict, path, *, title: str = ""):
-    """Two overlapping circles: vision-only, mutual (the overlap) and language-only concepts."""
-    import matplotlib.patches as mpatches
-
-    vision, language, mutual = concept_sets["vision"], concept_sets["language"], concept_sets["mutual"]
-    only_v = [t for t in vision if t not in set(mutual)]
-    only_l = [t for t in language if t not in set(mutual)]
-    fig = _figure((10, 5.5))
-    ax = fig.subplots()
-    ax.add_patch(mpatches.Circle((0.33, 0.5), 0.3, alpha=0.25, color="tab:blue"))
-    ax.add_patch(mpatches.Circle((0.67, 0.5), 0.3, alpha=0.25, color="tab:orange"))
-    ax.text(0.2, 0.86, f"vision encoder ({len(vision)})", ha="center", fontsize=10)
-    ax.text(0.8, 0.86, f"language encoder ({len(language)})", ha="center", fontsize=10)
-    for x, items in ((0.2, only_v), (0.5, mutual), (0.8, only_l)):
-        ax.text(x, 0.5, "\n".join(items[:15]) or "-", ha="center", va="center", fontsize=6.5, wrap=True)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0.1, 0.92)
-    ax.set_aspect("equal")
-    ax.set_axis_off()
-    ax.set_title(title or f"mutual concepts: {len(mutual)}", fontsize=10)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+# figures: fastinterp/mutual_figures.py (re-exported above)
 
 
 # ----------------------------------------------------------------------------------------
@@ -649,9 +564,10 @@ def _write_class(store: _RecordStore, c: str, loaded, exp: MutualExplanation, me
             stem = f"{safe_name(c)}__{safe_name(p.stem)}"
             for m in methods:
                 plot_parts(exp.visual.images[b], exp.visual.parts[m].pixel_parts[b], rec, m,
-                           figdir / f"{stem}__{m}_parts.png", title=f"{c}: predicted {rec['predicted_class']}")
+                           figdir / f"{stem}__{m}_parts.png",
+                           title=f"{c}/{p.name}: predicted {rec['predicted_class']}")
             plot_concept_sets(rec["methods"][methods[0]]["concept_sets"], figdir / f"{stem}__concept_sets.png",
-                              title=f"{c} ({methods[0]}): vision vs language concepts")
+                              image=f"{c}/{p.name}", method=methods[0])
     return len(exp.records)
 
 

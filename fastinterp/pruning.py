@@ -370,23 +370,40 @@ def write_results(rows, output, *, run=None) -> dict:
             "png": output / "accuracy.png"}
 
 
+def _heads_label(n: int) -> str:
+    return f"{n} head" if n == 1 else f"{n} heads"
+
+
 def plot_results(rows, path) -> Path:
-    """Bar chart: top-1 accuracy per head set (seeded kinds as mean +- std over seeds)."""
+    """Write `results_figure(rows)` to `path`."""
+    results_figure(rows).savefig(path, dpi=100)
+    return Path(path)
+
+
+def results_figure(rows):
+    """Bar chart (a `matplotlib.figure.Figure`): top-1 accuracy per head set, the value on each
+    bar; seeded kinds are the mean over seeds with a +- std error bar (sets without seeds have
+    no error bar)."""
     from matplotlib.figure import Figure
 
     summary = summarise(rows)
     names = [s["name"] for s in summary]
-    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.6))
+    fig = Figure(figsize=(max(4.5, 1.0 * len(names) + 1.5), 4.0), layout="constrained")
     ax = fig.subplots()
     colors = ["#555555" if n == "original" else "#c0392b" if n.startswith("high") else
               "#2980b9" if n.startswith("low") else "#7f8c8d" for n in names]
-    ax.bar(range(len(names)), [s["mean"] for s in summary], yerr=[s["std"] for s in summary],
-           color=colors, capsize=3)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{n}\n({s['n_heads']} heads)" for n, s in zip(names, summary)], rotation=30,
+    x = list(range(len(names)))
+    bars = ax.bar(x, [s["mean"] for s in summary], color=colors)
+    seeded = [i for i, s in enumerate(summary) if s["n_sets"] > 1]
+    if seeded:
+        ax.errorbar(seeded, [summary[i]["mean"] for i in seeded], yerr=[summary[i]["std"] for i in seeded],
+                    fmt="none", ecolor="black", capsize=3, linewidth=1)
+    ax.bar_label(bars, labels=[f"{s['mean']:.1f}" for s in summary], fontsize=8, padding=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{n}\n({_heads_label(s['n_heads'])})" for n, s in zip(names, summary)], rotation=30,
                        ha="right", fontsize=8)
     ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title("accuracy after pruning each head set")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    ax.set_ylim(0, max([s["mean"] + s["std"] for s in summary] + [1.0]) * 1.12)
+    ax.set_title("accuracy after pruning each head set" + (" (error bars: std over seeds)" if seeded else ""),
+                 fontsize=10)
+    return fig

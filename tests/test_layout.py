@@ -13,7 +13,7 @@ KERNELS = ROOT / "kernels"
 
 LEVEL = {
     "cli": 4,
-    "sith": 3, "ccs": 3, "mutual": 3, "pruning": 3,
+    "sith": 3, "ccs": 3, "mutual": 3, "mutual_figures": 3, "pruning": 3,
     "sparse": 2, "textspan": 2, "ablation": 2, "vision": 2, "concepts": 2, "zeroshot": 2, "llm": 2,
     "images": 2, "reference": 2,
     "kernels": 1, "vit": 1, "models": 1, "io": 1, "data": 1, "model_configs": 1,

@@ -203,6 +203,11 @@ def _views(images: dict) -> list:
     return out
 
 
+CCS_EXPLAINED = ("A head's CCS counts how many of its 5 TextSpan descriptions are judged consistent with its "
+                 "one-word label (0-5); buckets: high = 5, moderate = 3, low = 0 or 1 (2 and 4 are left out, "
+                 "'-'); CCS@K is the share of heads whose CCS is exactly K.")
+
+
 def demo_section(ctx) -> str:
     """CCS on the demo photos: TextSpan over the built-in text bank for the last 2 layers,
     the offline CLIP labeller with the demo concept list, CCS per head."""
@@ -228,11 +233,13 @@ def demo_section(ctx) -> str:
              f"5 descriptions per head), labels and judgements from the offline CLIP labeller "
              f"(threshold {labeller.threshold}). Random weights: the labels mean nothing; the whole path runs. "
              f"Files: `ccs/descriptions.txt`, `ccs/ccs.csv`, `ccs/ccs.json`.", "",
+             CCS_EXPLAINED, "",
              "| head | label | CCS | bucket | first descriptions |", "|---|---|---|---|---|"]
     for s in scores:
         lines.append(f"| {_key(s.layer, s.head)} | {s.label} | {s.ccs} | {s.bucket or '-'} | "
                      f"{'; '.join(s.descriptions[:2])} |")
-    lines += ["", "CCS@K: " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["ccs_at_k"].items())]
+    lines += ["", "CCS@K (share of heads with CCS = K): "
+              + ", ".join(f"K={k}: {v:.2f}" for k, v in summary["ccs_at_k"].items())]
     return "\n".join(lines)
 
 

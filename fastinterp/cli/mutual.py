@@ -79,7 +79,8 @@ def demo_section(ctx) -> str:
     b = max(range(len(names)), key=lambda i: exp.records[i]["foreground_patches"])
     plot_parts(exp.visual.images[b], exp.visual.parts["pca"].pixel_parts[b], exp.records[b], "pca",
                ctx.output / "mutual_parts.png", title=f"{names[b]}: predicted {exp.records[b]['predicted_class']}")
-    plot_concept_sets(exp.records[b]["methods"]["pca"]["concept_sets"], ctx.output / "mutual_concept_sets.png")
+    plot_concept_sets(exp.records[b]["methods"]["pca"]["concept_sets"], ctx.output / "mutual_concept_sets.png",
+                      image=names[b], method="pca")
     ctx.results["mutual"] = {
         "images": names,
         "seconds": round(elapsed, 2),

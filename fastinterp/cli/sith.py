@@ -114,7 +114,8 @@ def _cmd_decompose(args) -> int:
         if args.explain:
             stem = mdir / "explanations" / name[:-3]
             md, _ = write_explanations(r, d.texts, stem, layer=layer)
-            png = plot_explanations(r, d.texts, Path(f"{stem}.png"), n_sv=args.explain_sv)
+            png = plot_explanations(r, d.texts, Path(f"{stem}.png"), n_sv=args.explain_sv,
+                                    random_weights=getattr(model, "fastinterp_weights", None) == "random")
             print(f"  explanations: {md}, {png}")
     return 0
 
@@ -391,7 +392,8 @@ def demo_section(ctx) -> str:
     g = prepare_dictionary(ctx.concept_embeddings, "center")
     fid = {layer: fidelity(ctx.model, layer, r["scores"], r["indices"], g, image_mean=mean) for layer, r in res.items()}
     last = layers[-1]
-    plot_explanations(res[last], ctx.dictionary.texts, Path(ctx.output) / "sith_explanations.png", n_sv=3)
+    plot_explanations(res[last], ctx.dictionary.texts, Path(ctx.output) / "sith_explanations.png", n_sv=3,
+                      random_weights=getattr(ctx.model, "fastinterp_weights", None) == "random")
     md, _ = write_explanations(res[last], ctx.dictionary.texts, out / f"explanations-layer-{last:02d}", layer=last)
     edit_cos, undo_diff = _demo_edit(ctx, last)
     ctx.results["sith"] = {

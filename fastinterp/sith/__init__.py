@@ -23,7 +23,7 @@ Where things live (all re-exported here, so `from fastinterp import sith; sith.d
                            score_singular_vectors, read_decisions / write_decisions
     sith/scoring.py        ClipScorer: offline 1-5 scores for the suppress / sign-flip recipes by CLIP
                            text similarity (the LLM's counterpart; same driver, score_singular_vectors)
-    sith/explanations.py   explanation_rows, write_explanations, plot_explanations
+    sith/explanations.py   explanation_rows, write_explanations, plot_explanations / explanations_figure
     fastinterp/llm.py      the LLM side of scoring: LLMScorer, parse_score, PROMPT_BACKGROUND,
                            PROMPT_UNSAFE, format_concepts_prompt
     fastinterp/cli/sith.py `fastinterp sith decompose | fidelity | edit` and the demo section
@@ -41,7 +41,7 @@ from .decomposition import (FILE_FORMAT, decompose, decomposition_filename, load
 from .edits import (EditHandle, apply_multipliers, classification_multipliers, read_decisions,
                     score_singular_vectors, sign_flip_multipliers, suppress_multipliers, task_concepts,
                     write_decisions)
-from .explanations import explanation_rows, plot_explanations, write_explanations
+from .explanations import explanation_rows, explanations_figure, plot_explanations, write_explanations
 from .reconstruction import fidelity, fidelity_from_file
 from .scoring import CLIP_TARGETS, ClipScorer
 from .vo import SV_TYPES, image_mean, prepare_dictionary, project, singular_vectors, vo_matrices, vo_svd
@@ -59,6 +59,7 @@ __all__ = [
     "decompose",
     "decomposition_filename",
     "explanation_rows",
+    "explanations_figure",
     "fidelity",
     "fidelity_from_file",
     "format_concepts_prompt",
