@@ -2,11 +2,12 @@
 SITH edit scoring go through one small interface: anything with
 `.complete(messages: list[dict]) -> str` (OpenAI chat messages: {"role", "content"}).
 
-- `OpenAIChat`: an OpenAI-compatible chat-completions client built on the standard library
-  (urllib; no extra dependency). Base URL, model and key come from arguments or the
-  environment (FASTINTERP_LLM_BASE_URL / OPENAI_BASE_URL, FASTINTERP_LLM_MODEL,
-  FASTINTERP_LLM_API_KEY / OPENAI_API_KEY). Timeouts, retries with exponential backoff on
-  timeouts, connection errors, 408/409/429/5xx and unparseable replies.
+- `OpenAIChat`: an OpenAI-compatible chat-completions client over httpx. Base URL, model
+  and key come from arguments or the environment (FASTINTERP_LLM_BASE_URL /
+  OPENAI_BASE_URL, FASTINTERP_LLM_MODEL, FASTINTERP_LLM_API_KEY / OPENAI_API_KEY). The
+  timeout bounds the whole request (connect to last byte); every transport error
+  (including resets and partial reads), 408/409/425/429/5xx and replies that are not a
+  chat completion are retried with exponential backoff, Retry-After honoured.
 - `LLMLabeller`: the paper's two prompts (SPEC 2.3) with few-shot examples, over any client.
 - `ClipLabeller`: an offline labeller (no network): the label is the concept of a vocabulary
   closest to the mean CLIP text embedding of the head's descriptions; a (description, label)
@@ -25,10 +26,8 @@ import json
 import os
 import random
 import re
-import socket
+import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -129,19 +128,61 @@ def _reply_text(payload) -> str:
     return content.strip()
 
 
+class _Deadline(Exception):
+    """The whole request ran past its deadline (raised between body chunks)."""
+
+
+class _Reply:
+    """One HTTP exchange: status, headers, the full body (or the transport error)."""
+
+    def __init__(self):
+        self.status: int | None = None
+        self.headers = None
+        self.body: bytes | None = None
+        self.error: BaseException | None = None
+
+
+MAX_REPLY_BYTES = 8 << 20
+"""A reply body larger than this is junk (a chat completion of a few tokens is ~1 KiB)."""
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date (RFC 9110); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+        from datetime import datetime, timezone
+
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 class OpenAIChat:
-    """OpenAI-compatible chat-completions client (standard library only).
+    """OpenAI-compatible chat-completions client over httpx.
 
     Args:
         base_url: API root, e.g. "https://api.openai.com/v1" or "http://127.0.0.1:8000/v1"
             (default: $FASTINTERP_LLM_BASE_URL, $OPENAI_BASE_URL, then OpenAI's).
         model: model name (default: $FASTINTERP_LLM_MODEL, then "gpt-4o").
         api_key: bearer key (default: $FASTINTERP_LLM_API_KEY, $OPENAI_API_KEY; none is sent
-            if unset, as local servers allow).
-        timeout: seconds for connecting and for each read of the reply.
-        max_retries: extra attempts after the first on retryable failures.
+            if unset, as local servers allow). Never logged, never part of an error message.
+        timeout: seconds for the WHOLE request, connect to last byte (a server that sends
+            headers and then trickles its body is cut off at the deadline); a timed-out
+            request is retried.
+        max_retries: extra attempts after the first on retryable failures: every transport
+            error (refused or reset connections, partial reads, protocol errors, timeouts),
+            HTTP 408/409/425/429/5xx, and replies that are not a chat completion.
         backoff: first wait in seconds, doubled each retry (capped at `max_backoff`), with
-            jitter; a Retry-After header (seconds) is honoured up to `max_backoff`.
+            jitter; a Retry-After header (seconds or an HTTP date) is honoured up to `max_backoff`.
         temperature, max_tokens: sent with every request (temperature 0: deterministic-ish).
     """
 
@@ -153,43 +194,104 @@ class OpenAIChat:
         if not re.match(r"^https?://", self.base_url):
             raise ValueError(f"LLM base URL {self.base_url!r} must start with http:// or https://")
         self.model = model or os.environ.get(ENV_MODEL) or DEFAULT_MODEL
-        self.api_key = api_key if api_key is not None else (os.environ.get(ENV_API_KEY) or os.environ.get("OPENAI_API_KEY"))
-        if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
+        self._api_key = api_key if api_key is not None else (os.environ.get(ENV_API_KEY) or os.environ.get("OPENAI_API_KEY"))
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 \
+                or timeout == float("inf"):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if backoff < 0:
-            raise ValueError(f"backoff must be >= 0 seconds, got {backoff!r}")
+        if not backoff >= 0 or not max_backoff >= 0:
+            raise ValueError(f"backoff and max_backoff must be >= 0 seconds, got {backoff!r}, {max_backoff!r}")
         self.timeout, self.max_retries, self.backoff, self.max_backoff = float(timeout), max_retries, backoff, max_backoff
         self.temperature, self.max_tokens = temperature, max_tokens
         self._sleep = sleep
+        self._http = None
         self.calls = 0  # HTTP attempts made (for logs and tests)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # no key
         return f"OpenAIChat(base_url={self.base_url!r}, model={self.model!r}, timeout={self.timeout})"
+
+    @property
+    def api_key(self) -> str | None:
+        return self._api_key
 
     @property
     def url(self) -> str:
         return self.base_url + "/chat/completions"
 
-    def _request(self, body: bytes):
+    def _client(self):
+        if self._http is None:
+            import httpx
+
+            # per-operation limits at the whole budget; the deadline below bounds the sum
+            self._http = httpx.Client(timeout=httpx.Timeout(self.timeout), follow_redirects=False)
+        return self._http
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _exchange(self, body: bytes, deadline: float, reply: _Reply) -> None:
+        """One POST, streamed; the body is read chunk by chunk against the deadline."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        try:
+            with self._client().stream("POST", self.url, content=body, headers=headers) as resp:
+                reply.status, reply.headers = resp.status_code, resp.headers
+                buf = bytearray()
+                for chunk in resp.iter_bytes():
+                    buf += chunk
+                    if time.monotonic() > deadline:
+                        raise _Deadline()
+                    if len(buf) > MAX_REPLY_BYTES:
+                        raise ValueError(f"the reply body is larger than {MAX_REPLY_BYTES} bytes")
+                reply.body = bytes(buf)
+        except BaseException as err:  # handed to the caller's thread
+            reply.error = err
+
+    def _request(self, body: bytes) -> _Reply:
+        """The exchange in a worker thread, waited for until the deadline (connect to last byte)."""
         self.calls += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return resp.read()
+        deadline = time.monotonic() + self.timeout
+        reply = _Reply()
+        worker = threading.Thread(target=self._exchange, args=(body, deadline, reply), daemon=True,
+                                  name="fastinterp-llm-request")
+        worker.start()
+        worker.join(self.timeout + 0.05)
+        if worker.is_alive():  # stuck in a read: it ends by itself within one per-operation timeout
+            reply.error = _Deadline()
+        return reply
 
     def _wait(self, attempt: int, retry_after: str | None = None) -> None:
         delay = min(self.max_backoff, self.backoff * 2 ** attempt) * (1 + 0.1 * random.random())
-        if retry_after:
-            try:
-                delay = max(delay, min(self.max_backoff, float(retry_after)))
-            except ValueError:
-                pass
+        asked = _retry_after_seconds(retry_after)
+        if asked is not None:
+            delay = max(delay, min(self.max_backoff, asked))
         if delay > 0:
             self._sleep(delay)
+
+    def _failure(self, reply: _Reply) -> tuple[str, bool]:
+        """(what went wrong, whether it is worth retrying); ("", False) for a usable reply."""
+        import httpx
+
+        err = reply.error
+        if isinstance(err, (_Deadline, httpx.TimeoutException, TimeoutError)):
+            return f"timed out: no complete reply within {self.timeout:g} s", True
+        if isinstance(err, httpx.ConnectError):
+            return f"cannot connect: {err}", True
+        if isinstance(err, (httpx.TransportError, httpx.StreamError, OSError)):
+            return f"connection error ({type(err).__name__}: {err})", True  # resets, partial reads
+        if err is not None:
+            return f"{type(err).__name__}: {err}", isinstance(err, ValueError)
+        if reply.status != 200:
+            detail = (reply.body or b"")[:300].decode("utf-8", "replace")
+            return f"HTTP {reply.status}: {detail}".strip(), reply.status in RETRY_STATUS
+        return "", False
 
     def complete(self, messages: list[dict]) -> str:
         """Send the chat messages; return the assistant's text. Raises LLMError after
@@ -203,35 +305,21 @@ class OpenAIChat:
         body = json.dumps(payload).encode("utf-8")
         errors = []
         for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                raw = self._request(body)
-            except urllib.error.HTTPError as err:
-                detail = err.read()[:300].decode("utf-8", "replace") if err.fp else ""
-                msg = f"HTTP {err.code} {err.reason}: {detail}".strip()
-                if err.code not in RETRY_STATUS:
-                    raise LLMError(f"{self.url} answered {msg} (not retried; check the URL, model name "
-                                   f"and API key)") from err
-                errors.append(msg)
-                retry_after = err.headers.get("Retry-After") if err.headers else None
-            except (socket.timeout, TimeoutError) as err:
-                errors.append(f"timed out after {self.timeout:g} s ({err})")
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, (socket.timeout, TimeoutError)):
-                    errors.append(f"timed out after {self.timeout:g} s")
-                else:
-                    errors.append(f"cannot connect: {err.reason}")
-            except (ConnectionError, OSError) as err:  # reset, refused, broken pipe
-                errors.append(f"connection error: {err}")
-            else:
+            reply = self._request(body)
+            problem, retry = self._failure(reply)
+            if not problem:
                 try:
-                    return _reply_text(json.loads(raw.decode("utf-8")))
+                    return _reply_text(json.loads(reply.body.decode("utf-8")))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    errors.append(f"malformed JSON reply ({err}): {raw[:200]!r}")
+                    problem, retry = f"malformed JSON reply ({err}): {reply.body[:200]!r}", True
                 except ValueError as err:
-                    errors.append(str(err))
+                    problem, retry = str(err), True
+            problem = self._scrub(problem)
+            if not retry:
+                raise LLMError(f"{self.url} answered {problem} (not retried; check the URL, model name and API key)")
+            errors.append(problem)
             if attempt < self.max_retries:
-                self._wait(attempt, retry_after)
+                self._wait(attempt, reply.headers.get("Retry-After") if reply.headers is not None else None)
         raise LLMError(f"{self.url} (model {self.model!r}) failed {len(errors)} time(s); last error: {errors[-1]}"
                        + (f"; earlier: {'; '.join(errors[:-1])[:400]}" if len(errors) > 1 else ""))
 
@@ -291,28 +379,50 @@ def judge_messages(description: str, label: str) -> list[dict]:
     return msgs
 
 
+_REFUSAL = re.compile(
+    r"^(?:sorry|apolog|unfortunately|as an (?:ai|a\.i\.|language model)|i\b|i'm\b|im\b|i am\b|we\b|cannot\b|can't\b|"
+    r"unable\b|not (?:sure|possible|applicable|enough|clear|determinable)|no (?:common|clear|single|answer|label|idea)|"
+    r"n/?a$|na$|none$|nothing$|unknown$|unclear$|undetermined$|indeterminate$|null$|nil$|error$|"
+    r"(?:there is|there's) no\b|it is (?:not|impossible|unclear)|hard to say|difficult to)")
+"""Replies that refuse or give no label (first words, lower case): junk, never a label."""
+
+
+def _first_line(reply) -> str:
+    if not isinstance(reply, str):
+        raise ValueError(f"expected the reply text, got {type(reply).__name__}")
+    lines = [line for line in reply.strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else ""
+
+
 def parse_label(reply: str) -> str:
     """The label in a reply: trimmed of quotes/punctuation, lower case, at most 3 words.
-    ValueError for an empty or sentence-like reply."""
-    text = reply.strip().splitlines()[0] if reply and reply.strip() else ""
-    text = re.sub(r"^(label|answer|characteristic)\s*:\s*", "", text.strip(), flags=re.I)
+    ValueError (junk, asked again) for an empty, sentence-like, or refusing reply ("I
+    cannot say.", "Sorry, I can't", "N/A", "As an AI ...", "none", "unknown")."""
+    text = re.sub(r"^(label|answer|characteristic)\s*:\s*", "", _first_line(reply), flags=re.I)
     text = text.strip(" \t\"'`*.,;:!?()[]{}").lower()
     words = text.split()
     if not words or len(words) > 3 or not re.search(r"[a-z]", text):
         raise ValueError(f"expected a one-word label, got {reply[:120]!r}")
+    if _REFUSAL.match(text) or "/" in text:
+        raise ValueError(f"the reply is a refusal or no label: {reply[:120]!r}")
     return " ".join(words)
 
 
+_JUDGE_TOKENS = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "yes": 1, "no": 0, "true": 1, "false": 0}
+_JUDGE_CONFLICT = re.compile(r"\d|\b(?:yes|no|not|true|false)\b")
+
+
 def parse_judgement(reply: str) -> int:
-    """1 or 0 from a judge reply ("1", "0", "1.", "Score: 0", "yes", "no"); ValueError otherwise."""
-    text = reply.strip().lower()
-    values = {float(v) for v in re.findall(r"\d+(?:\.\d+)?", text)}
-    if values in ({0.0}, {1.0}):
-        return int(values.pop())
-    word = text.strip(" \t\"'`*.,;:!?").split()
-    if len(word) == 1 and word[0] in ("yes", "no", "true", "false"):
-        return int(word[0] in ("yes", "true"))
-    raise ValueError(f"expected 1 or 0, got {reply[:120]!r}")
+    """1 or 0 from a judge reply ("1", "0", "1.", "Score: 0", "yes", "no", "1 - it fits").
+    The answer is the first token; anything after it may explain but not contradict (no
+    other number, no yes/no/not). ValueError (junk) otherwise: "-1", "10", "0 or 1",
+    "No, 1 is wrong", a refusal, an empty reply."""
+    text = re.sub(r"^(score|answer|rating|judgement|judgment|label)\s*[:=]\s*", "",
+                  _first_line(reply).lower().replace("**", ""))
+    m = re.match(r"^[\"'`(\[]*([-+]?\d+(?:\.\d+)?|[a-z]+)[\"'`)\].,;:!?]*(?:\s+|$)(.*)$", text)
+    if m is None or m.group(1) not in _JUDGE_TOKENS or _JUDGE_CONFLICT.search(m.group(2)):
+        raise ValueError(f"expected 1 or 0, got {reply[:120]!r}")
+    return _JUDGE_TOKENS[m.group(1)]
 
 
 class LLMLabeller:
@@ -440,8 +550,9 @@ def format_concepts_prompt(template: str, scores: torch.Tensor, indices: torch.T
     return template.format(concepts="\n".join(lines))
 
 
-_SCORE_RE = re.compile(r"score\s*[:=\-]?\s*\**\s*([1-5])\b", re.IGNORECASE)
-_INT_RE = re.compile(r"(?<![\d.])([1-5])(?![\d.])")
+_SCORE_RE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])(?![\d.])", re.IGNORECASE)
+_INT_RE = re.compile(r"(?<![\d.\-+])([1-5])(?![\d.])")  # not part of "-1", "10", "2.5"
+_SCALE_RE = re.compile(r"\s*(?:/\s*5|out of 5|(?:to|-)\s*5\b)", re.IGNORECASE)
 
 
 def parse_score(text: str, *, low: int = 1, high: int = 5) -> int:
@@ -452,10 +563,12 @@ def parse_score(text: str, *, low: int = 1, high: int = 5) -> int:
     if m:
         value = int(m.group(1))
     else:
-        found = [int(t) for t in _INT_RE.findall(text)]
+        found = {int(t) for t in _INT_RE.findall(_SCALE_RE.sub("", text))}
         if not found:
             raise ValueError(f"no score {low}-{high} found in the reply {text[:200]!r}")
-        value = found[0]
+        if len(found) > 1:
+            raise ValueError(f"the reply {text[:200]!r} names several scores {sorted(found)}; expected one")
+        value = found.pop()
     if not low <= value <= high:
         raise ValueError(f"score {value} outside {low}-{high} in the reply {text[:200]!r}")
     return value

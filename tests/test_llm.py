@@ -57,14 +57,56 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(401, b'{"error": "bad key"}')
         if mode == "parts":
             reply["choices"][0]["message"]["content"] = [{"type": "text", "text": "location"}]
+        if mode in ("trickle", "incomplete", "reset", "retryafter", "echokey", "say"):
+            return self._fault(mode, reply, server)
         self._send(200, json.dumps(reply).encode())
+
+    def _fault(self, mode, reply, server):
+        """trickle: headers, then the body one byte every 0.2 s (at most 40 bytes, then the
+        rest); incomplete / reset: the first request of each pair gets a body cut short / a
+        dropped connection, the second the reply; retryafter: 429 with Retry-After: 2 once;
+        echokey: a 500 whose body repeats the Authorization header; say: replies with the
+        text queued in server.say."""
+        body = json.dumps(reply).encode()
+        server.faults += 1
+        first = server.faults % 2 == 1
+        try:
+            if mode == "trickle":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for i in range(min(40, len(body))):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                self.wfile.write(body[40:])
+            elif mode == "incomplete" and first:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:10])
+                self.wfile.flush()
+                self.close_connection = True
+            elif mode == "reset" and first:
+                self.close_connection = True  # no response at all: the connection just closes
+            elif mode == "retryafter" and first:
+                self._send(429, b'{"error": "slow down"}', [("Retry-After", "2")])
+            elif mode == "echokey":
+                self._send(500, json.dumps({"error": f"bad request from {self.headers.get('Authorization')}"}).encode())
+            elif mode == "say":
+                reply["choices"][0]["message"]["content"] = server.say.pop(0)
+                self._send(200, json.dumps(reply).encode())
+            else:
+                self._send(200, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
 
 @pytest.fixture(scope="module")
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.requests, srv.flaky = [], 0
+    srv.requests, srv.flaky, srv.faults, srv.say = [], 0, 0, []
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
@@ -243,3 +285,73 @@ def test_clip_labeller(tiny_clip, tmp_path):
     assert ClipLabeller(model, tokenizer, vocab, threshold=-1.0, cache_dir=tmp_path).judge("a puppy", "beach") == 1
     with pytest.raises(ValueError, match="cosine"):
         ClipLabeller(model, tokenizer, vocab, threshold=2.0, cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- faults (issue 13)
+
+
+def test_timeout_bounds_the_whole_request_against_a_trickling_server(server):
+    """Headers at once, then a byte every 0.2 s: each read is quick, the request is not."""
+    c = _client(server, "trickle", timeout=1.0, max_retries=1)
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match="timed out"):
+        c.complete(MSG)
+    assert c.calls == 2
+    assert time.perf_counter() - t0 < 3.5
+
+
+@pytest.mark.parametrize("mode", ["incomplete", "reset"])
+def test_partial_reads_and_dropped_connections_are_retried(server, mode):
+    server.faults = 0
+    c = _client(server, mode, timeout=5, max_retries=2)
+    assert c.complete(MSG) == "echo: hello"
+    assert c.calls == 2
+
+
+def test_retry_after_is_honoured(server):
+    server.faults = 0
+    waits = []
+    c = _client(server, "retryafter", timeout=5, max_retries=2, backoff=0.01, sleep=waits.append)
+    assert c.complete(MSG) == "echo: hello"
+    assert c.calls == 2 and len(waits) == 1 and waits[0] >= 2.0
+
+
+def test_retry_after_as_http_date():
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    from fastinterp.llm import _retry_after_seconds
+
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= _retry_after_seconds(when) <= 31
+    assert _retry_after_seconds("3") == 3.0 and _retry_after_seconds("soon") is None
+
+
+def test_api_key_never_in_errors_or_repr(server):
+    c = _client(server, "echokey", api_key="sk-secret-123", timeout=5, max_retries=1)
+    with pytest.raises(LLMError) as info:
+        c.complete(MSG)
+    assert "sk-secret-123" not in str(info.value) and "***" in str(info.value)
+    assert "sk-secret-123" not in repr(c)
+
+
+@pytest.mark.parametrize("refusal", ["I cannot say.", "Sorry, I can't", "N/A", "As an AI", "As an AI language model, I",
+                                     "none", "Unknown", "I'm not sure"])
+def test_refusals_are_not_labels(refusal):
+    with pytest.raises(ValueError):
+        parse_label(refusal)
+
+
+@pytest.mark.parametrize("reply", ["-1", "No, 1 is wrong", "1 or 0", "+1", "2", "Yes, but 0", "I cannot judge this"])
+def test_judgement_junk(reply):
+    with pytest.raises(ValueError):
+        parse_judgement(reply)
+
+
+def test_junk_replies_over_http_are_retried_then_name_the_step(server):
+    server.say[:] = ["Sorry, I can't", "N/A", "location"]
+    lab = LLMLabeller(_client(server, "say", timeout=5), junk_retries=2)
+    assert lab.label(["Photo taken in Rome"]) == "location"
+    server.say[:] = ["-1", "No, 1 is wrong", "I cannot judge"]
+    with pytest.raises(LLMError, match="unusable judge reply after 3"):
+        lab.judge("a street", "location")
