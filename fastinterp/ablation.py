@@ -17,6 +17,15 @@ the replacement (0 or the mean).
 - from there on each configuration runs on its own copy of the batch (C x B rows), the
   masked head outputs going through out_proj in one fused kernel
   (`fastinterp.kernels.head_mask`, Triton on CUDA, torch on the CPU).
+
+Towers: every tower `fastinterp.vit.vit_view` reads (open_clip ViTs with any pooling and
+LayerScale; timm VisionTransformer towers such as SigLIP's); with an all-ones mask the result
+is `encode_image(normalize=False)` (tests/test_model_zoo.py checks it on the whole open_clip
+model list). Which heads count: the (layers, heads) of the transformer blocks' self-attention.
+An attentional pooler (CoCa) or a MAP head (SigLIP) has heads of its own, but they read the
+last block's tokens with their own learned queries and are part of the readout: they always
+run unmasked, and "mean" ablation replaces a block head's output by its per-token mean over
+all the tower's tokens (class / register tokens included), whatever the pooling.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.head_mask import masked_head_projection
-from .vit import check_blocks, check_heads, check_layers, head_outputs, parse_head, vision_transformer, vit_info
+from .vit import check_heads, check_layers, head_outputs, parse_head, vit_info, vit_view
 
 __all__ = [
     "MODES",
@@ -104,17 +113,6 @@ def _check_images(images, info) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # the block pieces (batch-first (B, N, D) throughout)
 # --------------------------------------------------------------------------------------
-def _embed(visual, images):
-    x = visual._embeds(images.to(visual.conv1.weight.dtype))
-    return x
-
-
-def _cls_pooled(visual) -> bool:
-    """True when the embedding reads only the class token of the last block's output
-    (pool_type 'tok', no attentional pooler): then the last block runs for that token only."""
-    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", "tok") == "tok"
-
-
 def _mlp(block, x):
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -122,22 +120,14 @@ def _mlp(block, x):
 def _plain_block(block, x, cls_only: bool = False):
     o = head_outputs(block, x, cls_only=cls_only)
     B, N, H, hd = o.shape
-    attn = block.attn
     if cls_only:
         x = x[:, :1]
-    x = x + block.ls_1(F.linear(o.reshape(B, N, H * hd), attn.out_proj.weight, attn.out_proj.bias))
+    x = x + block.ls_1(F.linear(o.reshape(B, N, H * hd), block.out_weight, block.out_bias))
     return _mlp(block, x)
 
 
-def _finish(visual, x):
-    pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return pooled
-
-
 def _proj_args(block):
-    return block.attn.out_proj.weight, block.attn.out_proj.bias
+    return block.out_weight, block.out_bias
 
 
 def _masked_block(block, x, masks_l, mean_l, C, backend, cls_only: bool = False):
@@ -161,6 +151,14 @@ def _masked_block(block, x, masks_l, mean_l, C, backend, cls_only: bool = False)
     return _mlp(block, x)
 
 
+def _masking_view(model):
+    """The tower's `vit.ViTView` for head masking: any pooling that yields one embedding
+    (class token, average, attentional pooler, MAP head); the masks cover the transformer
+    blocks' self-attention heads only (the pooler's own heads are part of the readout and run
+    unmasked, see the module docstring)."""
+    return vit_view(model).require("head masking", poolings=("tok", "avg", "attn_pool", "map"))
+
+
 def _means_for(means, layer):
     return None if means is None else means[layer]
 
@@ -180,9 +178,8 @@ def head_output_means(model, images, *, batch_size: int = 64, progress: bool = F
         (layers, tokens, heads, head_dim) float32 on the model's device: the mean over images
         of the head outputs (attention output before out_proj) of the unmasked model.
     """
-    visual = vision_transformer(model)
-    info = vit_info(model)
-    check_blocks(visual, "head masking")
+    view = _masking_view(model)
+    info = view.info
     batches = [images] if isinstance(images, torch.Tensor) else images
     total = None
     count = 0
@@ -191,14 +188,13 @@ def head_output_means(model, images, *, batch_size: int = 64, progress: bool = F
     for batch in tqdm(batches, desc="head means", disable=not progress):
         batch = _check_images(batch, info)
         for start in range(0, batch.shape[0], batch_size):
-            x = _embed(visual, batch[start:start + batch_size].to(visual.conv1.weight.device))
+            x = view.embed(batch[start:start + batch_size].to(view.device))
             sums = []
-            for block in visual.transformer.resblocks:
+            for block in view.blocks:
                 o = head_outputs(block, x)
                 sums.append(o.float().sum(0))
                 B, N, H, hd = o.shape
-                attn = block.attn
-                x = x + block.ls_1(F.linear(o.reshape(B, N, H * hd), attn.out_proj.weight, attn.out_proj.bias))
+                x = x + block.ls_1(F.linear(o.reshape(B, N, H * hd), block.out_weight, block.out_bias))
                 x = _mlp(block, x)
             s = torch.stack(sums)
             total = s if total is None else total + s
@@ -243,18 +239,18 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
         (C, B, d) unnormalised image embeddings (what `model.encode_image(normalize=False)`
         returns), in the model's dtype.
     """
-    visual, info, masks, images, means = _check_forward_args(model, images, masks, mode, means, config_chunk)
+    view, info, masks, images, means = _check_forward_args(model, images, masks, mode, means, config_chunk)
     C, B, L = masks.shape[0], images.shape[0], info.layers
-    blocks = visual.transformer.resblocks
+    blocks = view.blocks
     changed = (masks != 1).reshape(C, L, -1).any(-1)  # (C, L)
     first = torch.where(changed.any(1), changed.float().argmax(1), torch.full((C,), L))  # first masked layer
-    dtype = visual.conv1.weight.dtype
+    dtype = view.dtype
     out = torch.empty((C, B, info.output_dim), device=images.device, dtype=dtype)
     chunk = config_chunk or _default_config_chunk(info, B, dtype)
 
-    x = _embed(visual, images)
+    x = view.embed(images)
     l0 = int(first.min())
-    cls_last = _cls_pooled(visual)  # the last block only matters for the class token
+    cls_last = view.cls_last  # the last block only matters for the class token
     for layer in range(l0):
         x = _plain_block(blocks[layer], x, cls_last and layer == L - 1)
     for layer in range(l0, L):
@@ -272,35 +268,33 @@ def masked_forward(model, images: torch.Tensor, masks, mode: str = "zero", means
         clean_attn = F.linear(o.flatten(2), w, bias)
         for s0 in range(0, len(starters), chunk):
             group = starters[s0:s0 + chunk]
-            out[group] = _diverged_configs(visual, layer, x, o, clean_attn, masks[group], means, backend, cls_last)
+            out[group] = _diverged_configs(view, layer, x, o, clean_attn, masks[group], means, backend, cls_last)
         if not (first > layer).any():
             return out
         x = _mlp(block, x + block.ls_1(clean_attn))
     rest = (first == L).nonzero().flatten()
     if rest.numel():
-        out[rest] = _finish(visual, x).unsqueeze(0)
+        out[rest] = view.finish(x).unsqueeze(0)
     return out
 
 
 def _check_forward_args(model, images, masks, mode, means, config_chunk):
-    """masked_forward's inputs checked: (visual, info, masks (C, L, H) float32 on the CPU,
+    """masked_forward's inputs checked: (view, info, masks (C, L, H) float32 on the CPU,
     images on the model's device, means on the model's device and dtype (mode "mean") or None)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    visual = vision_transformer(model)
-    info = vit_info(model)
-    check_blocks(visual, "head masking")
+    view = _masking_view(model)
+    info = view.info
     masks = check_masks(masks, info.layers, info.heads)
     images = _check_images(images, info)
-    device = visual.conv1.weight.device
-    dtype = visual.conv1.weight.dtype
+    device, dtype = view.device, view.dtype
     if mode == "mean":
-        means = _check_means(means, info, info.num_patches + 1, device, dtype)
+        means = _check_means(means, info, view.n_tokens, device, dtype)
     else:
         means = None
     if config_chunk is not None and config_chunk < 1:
         raise ValueError(f"config_chunk must be >= 1, got {config_chunk}")
-    return visual, info, masks, images.to(device), means
+    return view, info, masks, images.to(device), means
 
 
 def _default_config_chunk(info, B: int, dtype) -> int:
@@ -310,7 +304,7 @@ def _default_config_chunk(info, B: int, dtype) -> int:
     return max(1, ACTIVATION_BUDGET_BYTES // per_config)
 
 
-def _diverged_configs(visual, layer, x, o, clean_attn, m, means, backend, cls_last):
+def _diverged_configs(view, layer, x, o, clean_attn, m, means, backend, cls_last):
     """G configurations whose masks first differ from all-ones at `layer`, from there to the
     embedding: (G, B, d).
 
@@ -319,7 +313,7 @@ def _diverged_configs(visual, layer, x, o, clean_attn, m, means, backend, cls_la
     m: (G, L, H) masks. At `layer` only the attention output changes (by the masked heads'
     correction); later layers run on the G x B copies.
     """
-    blocks = visual.transformer.resblocks
+    blocks = view.blocks
     L = len(blocks)
     block = blocks[layer]
     G = m.shape[0]
@@ -337,7 +331,7 @@ def _diverged_configs(visual, layer, x, o, clean_attn, m, means, backend, cls_la
     for later in range(layer + 1, L):
         xs = _masked_block(blocks[later], xs, m[:, later], _means_for(means, later), G, backend,
                            cls_last and later == L - 1)
-    return _finish(visual, xs).reshape(G, B, -1)
+    return view.finish(xs).reshape(G, B, -1)
 
 
 def single_head_ablations(model, images: torch.Tensor, layers=None, *, mode: str = "zero",

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..vit import vit_info
+from ..vit import vit_info, vit_view
 from .decomposition import load_decomposition, parse_decomposition_filename
 from .vo import _block, _check_image_mean, _check_sv_type, _factored_svd, _factors, _resolve_center, prepare_dictionary
 
@@ -41,6 +41,7 @@ def fidelity(model, layer: int, scores: torch.Tensor, indices: torch.Tensor, dic
     _check_sv_type(sv_type)
     visual, block, layer = _block(model, layer)
     info = vit_info(model)
+    vit_view(model).require("SITH's fidelity (the inverse of the joint-space projection)", linear_readout=True)
     if scores.ndim != 3 or scores.shape != indices.shape:
         raise ValueError(f"scores and indices must both be (H, rank, K), got {tuple(scores.shape)} and "
                          f"{tuple(indices.shape)}")

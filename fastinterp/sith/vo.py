@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..concepts import center_embeddings
-from ..io import atomic_save
-from ..vit import check_blocks, check_layers, vision_transformer, vit_info
+from ..io import save_tensor_checked
+from ..vit import check_blocks, check_layers, vision_transformer, vit_info, vit_view
 
 __all__ = ["SV_TYPES", "image_mean", "prepare_dictionary", "project", "singular_vectors", "vo_matrices", "vo_svd"]
 
@@ -43,17 +43,13 @@ def _resolve_center(fold_ln: bool, center: bool | None) -> bool:
 
 
 def _block(model, layer: int):
-    """(visual, block, layer >= 0) for a supported block: `vit.check_blocks`, and no LayerScale
-    on the attention output (SITH's VO matrices would miss its per-channel scale)."""
+    """(visual, block, layer >= 0) for a supported block: an open_clip ViT block
+    (`vit.check_blocks`); a LayerScale on the attention output is folded into the output side
+    (`_factors`). timm towers are refused (not yet read by SITH)."""
     visual = vision_transformer(model)
     (layer,) = check_layers(model, [layer])
     check_blocks(visual, "SITH's VO analysis")
-    block = visual.transformer.resblocks[layer]
-    ls = getattr(block, "ls_1", None)
-    if ls is not None and not isinstance(ls, torch.nn.Identity):
-        raise ValueError(f"layer {layer} scales its attention output with a LayerScale; SITH's VO analysis "
-                         f"assumes none (standard open_clip CLIP ViTs have none)")
-    return visual, block, layer
+    return visual, visual.transformer.resblocks[layer], layer
 
 
 def _check_finite(t: torch.Tensor, what: str, fix: str) -> None:
@@ -103,10 +99,14 @@ def _factors(block, fold_ln: bool, center: bool) -> _Factors:
     if center:
         w_v = w_v - w_v.mean(dim=1, keepdim=True)
     w_o = attn.out_proj.weight.detach().to(f64)
-    if center:
-        w_o = w_o - w_o.mean(dim=0, keepdim=True)
     b_o = (attn.out_proj.bias.detach().to(f64) if attn.out_proj.bias is not None
            else torch.zeros(D, dtype=f64, device=w_in.device))
+    gamma = getattr(block.ls_1, "gamma", None)  # LayerScale: folded into the output side
+    if gamma is not None:
+        w_o = gamma.detach().to(f64)[:, None] * w_o
+        b_o = gamma.detach().to(f64) * b_o
+    if center:
+        w_o = w_o - w_o.mean(dim=0, keepdim=True)
     bias = b_o + w_o @ b_v
     _check_finite(w_v, "the value weights", "the model's weights are broken (check the checkpoint)")
     _check_finite(w_o, "the output weights", "the model's weights are broken (check the checkpoint)")
@@ -236,6 +236,8 @@ def project(model, vectors: torch.Tensor, *, image_mean: torch.Tensor | None = N
     """
     visual = vision_transformer(model)
     info = vit_info(model)
+    vit_view(model).require("SITH's projection to the joint space", families=("open_clip ViT",),
+                            linear_readout=True)
     if vectors.shape[-1] != info.width:
         raise ValueError(f"vectors have dimension {vectors.shape[-1]}, the ViT width is {info.width}")
     image_mean = _check_image_mean(image_mean, info.output_dim)
@@ -298,7 +300,7 @@ def image_mean(model, preprocess, images, *, batch_size: int = 64, device=None, 
         raise ValueError("none of the given images could be read")
     mean = total / count
     if save_to is not None:
-        atomic_save(mean, save_to)
+        save_tensor_checked(mean, save_to)  # SITH's bare-tensor file, its checksum in image_mean.pt.sha256
     return mean
 
 
