@@ -100,7 +100,7 @@ def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpo
     model.eval()
     model.fastinterp_name = name
     model.fastinterp_weights = checkpoint and os.fspath(checkpoint) or pretrained or "random"
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(name)
     return model, preprocess, tokenizer
 
 
@@ -113,6 +113,22 @@ def _weights_key(state: dict, exclude_prefix: str | None) -> tuple:
     write through the tensor or a view of it: `copy_`, `mul_`, `load_state_dict`...)."""
     return tuple((k, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
                  for k, t in sorted(state.items())
+def _tokenizer(name: str):
+    """open_clip's tokenizer for `name`; SigLIP / SigLIP2 / multilingual configs use a Hugging
+    Face tokenizer, which needs `transformers` and a one-time download: a clear error then."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(name)
+    except (ImportError, OSError, ValueError) as err:
+        raise RuntimeError(
+            f"model {name!r} tokenizes text with a Hugging Face tokenizer, which could not be loaded ({err}). "
+            f"Install the text extra (`pip install 'fastinterp[hf-text]'`: transformers, sentencepiece) and "
+            f"let it download once, or use cached files with HF_HUB_OFFLINE=1. Image-side methods "
+            f"(head masking, ablation) do not need it: build the model with open_clip.create_model."
+        ) from err
+
+
                  if not (exclude_prefix and k.startswith(exclude_prefix)))
 
 
