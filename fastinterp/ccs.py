@@ -40,6 +40,7 @@ __all__ = [
     "run_ccs",
     "read_descriptions",
     "read_labels",
+    "read_labeller",
 ]
 
 BUCKETS = ("high", "moderate", "low")
@@ -169,17 +170,39 @@ def _select(records, heads):
 # --------------------------------------------------------------------------------------
 # 2. labels
 # --------------------------------------------------------------------------------------
-def label_heads(records: Sequence[dict], labeller, *, output=None, heads=None, progress: bool = True) -> dict:
-    """Label every head: {"L11.H3": "location", ...}. Resumes from output/labels.json."""
+def _load_step(path: Path | None, labeller_id, what: str) -> dict:
+    """The saved heads of labels.json / judgements.json, {} unless they were made by the
+    same labeller (`labeller_id`; files of older versions record none)."""
+    data = _read_json(path, {}) if path is not None else {}
+    recorded, heads = (data.get("labeller"), data.get("heads")) if "heads" in data else (None, data)
+    heads = {k: v for k, v in (heads or {}).items() if isinstance(v, dict)}
+    if heads and recorded != labeller_id:
+        warnings.warn(f"{str(path)!r} holds {len(heads)} {what} made by another labeller ({recorded!r}; now "
+                      f"{labeller_id!r}): they are not reused", RuntimeWarning, stacklevel=3)
+        return {}
+    return heads
+
+
+def _save_step(path: Path | None, labeller_id, heads: dict) -> None:
+    if path is not None:
+        atomic_write_json(path, {"labeller": labeller_id, "heads": heads}, indent=2, ensure_ascii=False)
+
+
+def label_heads(records: Sequence[dict], labeller, *, output=None, heads=None, progress: bool = True,
+                labeller_id=None, stats: dict | None = None) -> dict:
+    """Label every head: {"L11.H3": "location", ...}. Resumes from output/labels.json, whose
+    labels are reused only when `labeller_id` (what identifies the labeller: LLM and endpoint,
+    or CLIP model, vocabulary and threshold; recorded in the file) and the head's
+    descriptions are the same. `stats` (a dict, if given) gets the counts "reused" and "new"."""
     from tqdm.auto import tqdm
 
     records = _select(records, heads)
     path = Path(output) / "labels.json" if output is not None else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    saved = _read_json(path, {}) if path is not None else {}
+    saved = _load_step(path, labeller_id, "labels")
     # a saved label is reused only for the same descriptions (a new TextSpan run relabels)
-    saved = {k: v for k, v in saved.items() if isinstance(v, dict) and isinstance(v.get("label"), str)}
+    saved = {k: v for k, v in saved.items() if isinstance(v.get("label"), str)}
     current = {_key(r["layer"], r["head"]): list(r["descriptions"]) for r in records}
     todo = [r for r in records if saved.get(_key(r["layer"], r["head"]), {}).get("descriptions")
             != current[_key(r["layer"], r["head"])]]
@@ -190,8 +213,11 @@ def label_heads(records: Sequence[dict], labeller, *, output=None, heads=None, p
         except Exception as err:
             raise CCSError(_failure("labelling", r, err, len(saved), path)) from err
         saved[key] = {"label": label, "descriptions": current[key]}
-        if path is not None:
-            atomic_write_json(path, saved, indent=2, ensure_ascii=False)
+        _save_step(path, labeller_id, saved)
+    if not todo:
+        _save_step(path, labeller_id, saved)
+    if stats is not None:
+        stats.update(reused=len(records) - len(todo), new=len(todo))
     return {k: saved[k]["label"] for k in current}
 
 
@@ -203,7 +229,15 @@ def read_labels(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist; run `fastinterp ccs label` first")
     data = _read_json(path, {})
+    data = data["heads"] if isinstance(data.get("heads"), dict) else data
     return {k: v["label"] if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def read_labeller(path):
+    """What labels.json (or judgements.json) records as its labeller (None for older files)."""
+    path = Path(path)
+    data = _read_json(path / "labels.json" if path.is_dir() else path, {})
+    return data.get("labeller") if isinstance(data, dict) and "heads" in data else None
 
 
 def _failure(step, r, err, n_done, path) -> str:
@@ -250,9 +284,10 @@ def bucket(ccs: int, n: int = 5) -> str:
 
 
 def score_heads(records: Sequence[dict], labels: dict, labeller, *, output=None, heads=None,
-                progress: bool = True) -> list[HeadScore]:
+                progress: bool = True, labeller_id=None, stats: dict | None = None) -> list[HeadScore]:
     """Judge each (description, label) of each head; resumes from output/judgements.json
-    (a head is redone if its label or descriptions changed)."""
+    (a head is redone if its label or descriptions changed; nothing is reused from another
+    labeller, see `label_heads`). `stats` gets the counts "reused" and "new"."""
     from tqdm.auto import tqdm
 
     records = _select(records, heads)
@@ -263,8 +298,9 @@ def score_heads(records: Sequence[dict], labels: dict, labeller, *, output=None,
     path = Path(output) / "judgements.json" if output is not None else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_json(path, {}) if path is not None else {}
+    done = _load_step(path, labeller_id, "judgements")
     out = []
+    n_new = 0
     for r in tqdm(records, disable=not progress, desc="judging heads", unit="head"):
         key = _key(r["layer"], r["head"])
         label = labels[key]
@@ -278,9 +314,13 @@ def score_heads(records: Sequence[dict], labels: dict, labeller, *, output=None,
             if any(j not in (0, 1) for j in judgements):
                 raise CCSError(f"judging layer {r['layer']} head {r['head']}: judgements must be 0/1, got {judgements}")
             done[key] = prev = {"label": label, "descriptions": list(r["descriptions"]), "judgements": judgements}
-            if path is not None:
-                atomic_write_json(path, done, indent=2, ensure_ascii=False)
+            n_new += 1
+            _save_step(path, labeller_id, done)
         out.append(HeadScore(r["layer"], r["head"], label, list(r["descriptions"]), list(prev["judgements"])))
+    if not n_new:
+        _save_step(path, labeller_id, done)
+    if stats is not None:
+        stats.update(reused=len(records) - n_new, new=n_new)
     return out
 
 

@@ -17,8 +17,9 @@ from typing import IO, Iterator
 
 import torch
 
-__all__ = ["CorruptFileError", "atomic_open", "atomic_write_text", "atomic_write_json", "atomic_save", "content_hash",
-           "load_checked", "read_json", "safe_name", "save_checked"]
+__all__ = ["CorruptFileError", "RUN_RECORD", "atomic_open", "atomic_write_text", "atomic_write_json", "atomic_save",
+           "content_hash", "files_fingerprint", "load_checked", "read_json", "read_run_record", "safe_name",
+           "save_checked", "text_fingerprint", "write_run_record"]
 
 CHECKSUM_KEY = "sha256"
 """The key under which `save_checked` stores the content hash beside the data."""
@@ -156,3 +157,52 @@ def load_checked(path: str | os.PathLike, *, require_checksum: bool = True) -> d
         raise CorruptFileError(f"{path!r}: its contents do not match the checksum written with them (the file "
                                f"is corrupt); delete it to rebuild it")
     return data
+
+
+# --------------------------------------------------------------------------------------
+# run records and input fingerprints
+# --------------------------------------------------------------------------------------
+RUN_RECORD = "run.json"
+"""The file name of an output folder's run record (what made the folder: model, inputs, settings)."""
+
+
+def read_run_record(folder: str | os.PathLike) -> dict | None:
+    """The run record `folder/run.json`, or None when the folder has none. A record that
+    cannot be read is an error (CorruptFileError naming it), never silently ignored."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{str(path)!r} is not a fastinterp run record (unreadable JSON); delete it only if "
+                               f"you also delete the results beside it")
+    return data
+
+
+def write_run_record(folder: str | os.PathLike, record: dict) -> Path:
+    """Write `folder/run.json` atomically (sorted keys, no timestamps: the same run gives the same bytes)."""
+    path = Path(folder) / RUN_RECORD
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return path
+
+
+def text_fingerprint(path: str | os.PathLike) -> dict:
+    """A text input (dictionary, text bank, class names...): its file name and the SHA-256 of its bytes."""
+    path = Path(path)
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def files_fingerprint(paths, root: str | os.PathLike | None = None) -> dict:
+    """A set of files (an image folder): SHA-256 over the sorted paths relative to `root`
+    (default: their common folder), sizes and modification times; independent of the
+    working directory and of how the root was spelled."""
+    resolved = sorted(Path(p).resolve() for p in paths)
+    if not resolved:
+        return {"files": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+    base = Path(root).resolve() if root is not None else Path(os.path.commonpath([p.parent for p in resolved]))
+    h = hashlib.sha256()
+    for p in resolved:
+        st = p.stat()
+        h.update(f"{p.relative_to(base).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(resolved), "sha256": h.hexdigest()}

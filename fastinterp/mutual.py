@@ -416,10 +416,16 @@ def _records_of(pr, vis: list[dict], curves, lang_venn: torch.Tensor, texts) -> 
 # dataset runner
 # ----------------------------------------------------------------------------------------
 
+def _norm_class(name: str) -> str:
+    return " ".join(str(name).replace("_", " ").split()).casefold()
+
+
 def read_class_names(source, folders: Sequence[str]) -> list[str]:
     """Display names of the class folders: None -> the folder names ('_' as spaces); a
-    .json object folder -> name; or a text file of one name per line in folder order (as
-    many lines as folders)."""
+    .json object folder -> name (every folder named, no other keys); or a text file of one
+    name per line that must be the same set as the folder names (compared ignoring case,
+    '_' / spaces): names are never matched to folders by position. A mismatch is a
+    ValueError listing the differences."""
     if source is None:
         return [f.replace("_", " ") for f in folders]
     path = Path(source)
@@ -429,15 +435,21 @@ def read_class_names(source, folders: Sequence[str]) -> list[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"{str(path)!r}: expected a JSON object folder -> class name")
-        missing = [f for f in folders if f not in data]
-        if missing:
-            raise ValueError(f"{str(path)!r} has no class name for folders {missing[:5]}")
+        missing, extra = [f for f in folders if f not in data], sorted(set(data) - set(folders))
+        if missing or extra:
+            raise ValueError(f"{str(path)!r} does not match the class folders: no name for folders {missing[:10]}"
+                             f"; names for folders that do not exist {extra[:10]}")
         return [str(data[f]) for f in folders]
     names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if len(names) != len(folders):
-        raise ValueError(f"{str(path)!r} lists {len(names)} class names but the image folder has "
-                         f"{len(folders)} class folders; give one name per folder, in sorted folder order")
-    return names
+    by_norm = {_norm_class(n): n for n in names}
+    missing = [f for f in folders if _norm_class(f) not in by_norm]
+    extra = sorted(n for n in names if _norm_class(n) not in {_norm_class(f) for f in folders})
+    if missing or extra or len(by_norm) != len(names):
+        dup = sorted({n for n in names if [_norm_class(m) for m in names].count(_norm_class(n)) > 1})
+        raise ValueError(f"{str(path)!r} is not the set of class folder names: folders without a name {missing[:10]}, "
+                         f"names without a folder {extra[:10]}" + (f", repeated names {dup[:10]}" if dup else "")
+                         + "; to give folders other names, pass a .json object folder -> class name")
+    return [by_norm[_norm_class(f)] for f in folders]
 
 
 def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, class_names=None,
@@ -451,7 +463,8 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
     ``summary.json``: per part method the dataset curve (zero-padded point-wise mean), its
     AUC and the mean MI, plus counts of processed / resumed / unreadable images and empty
     classes. Unreadable files are skipped with a warning, listed in the summary and marked by
-    a small JSON (``{"unreadable": reason}``, retried when the file changes). Resumable: a class
+    a small JSON (``{"unreadable": reason}``, retried when the file changes). The run's duration goes
+    to ``timing.json``, not the summary (the same run writes the same summary). Resumable: a class
     whose images all have JSON files is skipped (a partly done class is recomputed whole, so
     its results equal an uninterrupted run's).
 
@@ -476,12 +489,15 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
         by_class[c].append(p)
 
     processed = resumed = 0
-    for ci, c in enumerate(tqdm(listing.classes, desc="mutual: classes", disable=not progress, unit="class")):
+    bar = tqdm(total=len(listing.items), desc="mutual: images", disable=not progress, unit="image")
+    for ci, c in enumerate(listing.classes):
         paths = by_class[c]
         if not paths:
             continue
+        bar.set_postfix_str(c, refresh=False)
         if all(store.done(p, c) for p in paths):
             resumed += sum("unreadable" not in (store.read(p, c) or {}) for p in paths)
+            bar.update(len(paths))
             continue
         n_skipped = len(listing.skipped)
         loaded = load_images(paths, listing=listing)
@@ -494,9 +510,11 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
                       descriptor_embeddings=desc_emb, class_embeddings_=cls_emb, progress=False,
                       **explain_kwargs)
         processed += _write_class(store, c, loaded, exp, methods, figures)
+        bar.update(len(paths))
+    bar.close()
 
     agg = _aggregate(listing, store, methods)
-    summary = {"root": str(root), "output": str(out), "classes": len(listing.classes),
+    summary = {"root": str(root), "classes": len(listing.classes),
                "images_listed": len(listing.items), "images_with_results": agg["images"],
                "processed_this_run": processed, "resumed": resumed, "unreadable": agg["unreadable"],
                "empty_classes": listing.empty_classes, "empty_foreground": agg["empty_foreground"],
@@ -504,8 +522,9 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
     if summary["methods"]:
         plot_mi_curves({m: v["dataset_curve"] for m, v in summary["methods"].items()},
                        out / "figures" / "dataset_mi_curves.png", title=f"dataset MI dynamics ({agg['images']} images)")
+    atomic_write_json(out / "summary.json", summary)  # no timings here: the same run gives the same file
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "timing.json", {"seconds": summary["seconds"]})
     if summary["unreadable"]:
         warnings.warn(f"{len(summary['unreadable'])} unreadable image(s) skipped; listed in summary.json",
                       RuntimeWarning, stacklevel=2)

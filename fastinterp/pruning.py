@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,27 +118,54 @@ def _sample(pool, n, seed):
     return sorted(random.Random(seed).sample(pool, n))
 
 
+def _table_sets(keyed: dict, seeds, high_min: float, low_max: float, skipped: list) -> list[HeadSet]:
+    """high / low / random / equal-count sets of a CCS table; the sets that cannot be formed
+    go to `skipped` as {"set", "reason"}."""
+    sets = []
+    high = sorted(k for k, r in keyed.items() if r["ccs"] >= high_min)
+    low = sorted(k for k, r in keyed.items() if r["ccs"] <= low_max)
+    rest = sorted(k for k in keyed if k not in set(high))
+    no_high = f"no head has CCS >= {high_min:g}"
+    for name, heads, reason in (("high", high, no_high), ("low", low, f"no head has CCS <= {low_max:g}")):
+        if heads:
+            sets.append(HeadSet(name=name, kind=name, seed=None, heads=heads))
+        else:
+            skipped.append({"set": name, "reason": reason})
+    seeded = lambda kind: f"{kind}-s{{{','.join(map(str, seeds))}}}"  # noqa: E731
+    if high and len(rest) >= len(high):
+        for s in seeds:
+            sets.append(HeadSet(name=f"random-s{s}", kind="random", seed=s, heads=_sample(rest, len(high), s)))
+    elif seeds:
+        skipped.append({"set": seeded("random"), "reason": no_high + " (random sets match the high set's size)"
+                        if not high else f"only {len(rest)} non-high heads to draw {len(high)} from"})
+    n_eq = min(len(high), len(low))
+    if n_eq:
+        for s in seeds:
+            sets.append(HeadSet(name=f"high-eq-s{s}", kind="high-eq", seed=s, heads=_sample(high, n_eq, s)))
+            sets.append(HeadSet(name=f"low-eq-s{s}", kind="low-eq", seed=s, heads=_sample(low, n_eq, s)))
+    elif seeds:
+        why = no_high if not high else f"no head has CCS <= {low_max:g}"
+        skipped += [{"set": seeded(k), "reason": why + " (equal-count sets need high and low heads)"}
+                    for k in ("high-eq", "low-eq")]
+    return sets
+
+
 def build_head_sets(table=None, *, seeds=(0, 1, 2), high_min: float = 5, low_max: float = 1,
-                    concepts=(), explicit=None) -> list[HeadSet]:
-    """The experiment's head sets (see the module docstring), "original" first."""
+                    concepts=(), explicit=None, skipped: list | None = None) -> list[HeadSet]:
+    """The experiment's head sets (see the module docstring), "original" first.
+
+    A set that cannot be formed (no high heads, no low heads, too few heads to draw from) is
+    left out and reported in `skipped` (a list, if given) as {"set", "reason"}, else warned about.
+    """
     sets = [HeadSet(name="original", kind="original", seed=None, heads=[])]
+    warn, skipped = skipped is None, [] if skipped is None else skipped
     if table:
         keyed = {}
         for r in table:
             keyed[(r["layer"], r["head"])] = r
-        high = sorted(k for k, r in keyed.items() if r["ccs"] >= high_min)
-        low = sorted(k for k, r in keyed.items() if r["ccs"] <= low_max)
-        rest = sorted(k for k in keyed if k not in set(high))
-        sets.append(HeadSet(name="high", kind="high", seed=None, heads=high))
-        sets.append(HeadSet(name="low", kind="low", seed=None, heads=low))
-        if high and len(rest) >= len(high):
-            for s in seeds:
-                sets.append(HeadSet(name=f"random-s{s}", kind="random", seed=s, heads=_sample(rest, len(high), s)))
-        n_eq = min(len(high), len(low))
-        if n_eq:
-            for s in seeds:
-                sets.append(HeadSet(name=f"high-eq-s{s}", kind="high-eq", seed=s, heads=_sample(high, n_eq, s)))
-                sets.append(HeadSet(name=f"low-eq-s{s}", kind="low-eq", seed=s, heads=_sample(low, n_eq, s)))
+        sets += _table_sets(keyed, seeds, high_min, low_max, skipped)
+        for item in skipped if warn else ():
+            warnings.warn(f"head set {item['set']} cannot be formed: {item['reason']}", RuntimeWarning, stacklevel=2)
         for concept in concepts:
             c = concept.strip().lower()
             heads = sorted(k for k, r in keyed.items() if c and c in r["label"].lower())
@@ -264,7 +292,7 @@ def _run_key(model, folder, mode, templates) -> dict:
 
 def run_pruning(model, preprocess, tokenizer, folder, head_sets, *, output=None, mode: str = "zero",
                 templates=None, batch_size: int = 32, backend=None, config_chunk=None,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, skipped=None) -> list[dict]:
     """Zero-shot accuracy of the model with each head set pruned.
 
     Args:
@@ -272,6 +300,8 @@ def run_pruning(model, preprocess, tokenizer, folder, head_sets, *, output=None,
         output: folder for results.json/.csv/.md and accuracy.png; an existing results.json
             of the same run (model, weights, folder, mode, templates) is reused: only head
             sets it lacks are evaluated.
+        skipped: the sets `build_head_sets` could not form ({"set", "reason"}), reported
+            in results.json and results.md.
 
     Returns:
         rows {"name", "kind", "seed", "n_heads", "heads", "accuracy", "drop"} in head-set
@@ -320,7 +350,7 @@ def run_pruning(model, preprocess, tokenizer, folder, head_sets, *, output=None,
     for r in rows:
         r["drop"] = base - r["accuracy"]
     if output is not None:
-        write_results(rows, output, run=key)
+        write_results(rows, output, run=key, skipped=skipped)
     return rows
 
 
@@ -345,11 +375,13 @@ def summarise(rows) -> list[dict]:
     return out
 
 
-def write_results(rows, output, *, run=None) -> dict:
-    """results.json (with the run key, for resuming), results.csv, results.md, accuracy.png."""
+def write_results(rows, output, *, run=None, skipped=None) -> dict:
+    """results.json (with the run key, for resuming), results.csv, results.md, accuracy.png;
+    `skipped` head sets ({"set", "reason"}) are listed in results.json and results.md."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output / "results.json", {"run": run, "rows": rows, "summary": summarise(rows)}, indent=2)
+    payload = {"run": run, "rows": rows, "summary": summarise(rows), "skipped_sets": list(skipped or [])}
+    atomic_write_json(output / "results.json", payload, indent=2)
     with atomic_open(output / "results.csv", "w") as fh:
         w = csv.writer(fh)
         w.writerow(["name", "kind", "seed", "n_heads", "accuracy", "drop", "heads"])
@@ -364,6 +396,9 @@ def write_results(rows, output, *, run=None) -> dict:
         lines += ["", "| averaged over seeds | heads | mean top-1 (%) | std |", "|---|---:|---:|---:|"]
         for s in summary:
             lines.append(f"| {s['name']} | {s['n_heads']} | {s['mean']:.2f} | {s['std']:.2f} |")
+    if skipped:
+        lines += ["", "Head sets that could not be formed:", ""]
+        lines += [f"- {k['set']}: {k['reason']}" for k in skipped]
     atomic_write_text(output / "results.md", "\n".join(lines) + "\n")
     plot_results(rows, output / "accuracy.png")
     return {"json": output / "results.json", "csv": output / "results.csv", "md": output / "results.md",

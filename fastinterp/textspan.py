@@ -290,8 +290,9 @@ def _batches(images, batch_size, preprocess):
 def _input_fingerprint(images) -> dict:
     """What identifies the inputs of a resumable run: the paths' hash, or a tensor's shape."""
     if isinstance(images, (list, tuple)) and images and all(isinstance(p, (str, os.PathLike)) for p in images):
-        import hashlib
-        return {"inputs": hashlib.sha256("\0".join(map(os.fspath, images)).encode()).hexdigest()[:16]}
+        # relative paths, sizes and mtimes: the same files however the folder is spelled or where the run starts
+        from .io import files_fingerprint
+        return {"inputs": files_fingerprint(images)["sha256"][:16], "n_inputs": len(images)}
     if isinstance(images, torch.Tensor):
         return {"inputs": f"tensor{tuple(images.shape)}"}
     return {}
@@ -303,8 +304,11 @@ def _open_output(folder: Path, meta: dict) -> Path:
     meta_path = folder / "meta.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
-        if {k: old.get(k) for k in meta} != meta:
-            raise ValueError(f"{str(folder)!r} holds contributions of another run ({ {k: old.get(k) for k in meta} }); "
+        # with a weights hash on both sides, how the weights were named (a checkpoint path) does not matter
+        keys = [k for k in meta if not (k == "weights" and "weights_sha256" in meta and "weights_sha256" in old)]
+        diff = [f"{k}: {old.get(k)!r} there, {meta[k]!r} now" for k in keys if old.get(k) != meta[k]]
+        if diff:
+            raise ValueError(f"{str(folder)!r} holds contributions of another run ({'; '.join(diff)}); "
                              f"use a new output folder or delete it")
     atomic_write_json(meta_path, meta, indent=2)
     return folder

@@ -327,12 +327,15 @@ def test_run_dataset_bad_layout_and_class_names(tiny_clip, bank, tmp_path):
     _images(1)[0].save(flat / "x.png")
     with pytest.raises(ValueError, match="ImageFolder"):
         mutual.run_dataset(flat, model, preprocess, tokenizer, bank, output=tmp_path / "o", progress=False)
-    (tmp_path / "names.txt").write_text("one\ntwo\n")
-    assert mutual.read_class_names(tmp_path / "names.txt", ["a", "b"]) == ["one", "two"]
-    with pytest.raises(ValueError, match="one name per folder"):
-        mutual.read_class_names(tmp_path / "names.txt", ["a", "b", "c"])
+    # a text file must name the same set as the folders (any order): never matched by position
+    (tmp_path / "names.txt").write_text("Golden Retriever\ncat\n")
+    assert mutual.read_class_names(tmp_path / "names.txt", ["cat", "golden_retriever"]) == ["cat", "Golden Retriever"]
+    with pytest.raises(ValueError, match=r"folders without a name \['dog'\].*names without a folder \['cat'\]"):
+        mutual.read_class_names(tmp_path / "names.txt", ["dog", "golden_retriever"])
     (tmp_path / "names.json").write_text(json.dumps({"a": "apple", "b": "bee"}))
     assert mutual.read_class_names(tmp_path / "names.json", ["b", "a"]) == ["bee", "apple"]
+    with pytest.raises(ValueError, match=r"no name for folders \['c'\]"):
+        mutual.read_class_names(tmp_path / "names.json", ["a", "b", "c"])
     assert mutual.read_class_names(None, ["golden_retriever"]) == ["golden retriever"]
 
 

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .common import fill_model_defaults
+
+    fill_model_defaults(args)  # notes the model flags given (None = not given), fills the rest
     import matplotlib
 
     matplotlib.use("Agg")  # commands write figure files; no window, whatever the user's default

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -9,20 +10,52 @@ from ..kernels.mi import curve_auc, dataset_curve
 from ..mutual import (demo_descriptor_path, demo_descriptors, explain, plot_concept_sets, plot_mi_curves,
                       plot_parts, run_dataset)
 from ..vision import PART_METHODS
-from .common import add_model_args, load_model
+from ..io import read_run_record, text_fingerprint
+from .common import (add_model_args, adopt_record_model, check_weights, folder_fingerprint, load_model, record_step,
+                     refuse_mismatch)
 
 DEMO_CLASSES = {"astronaut": "astronaut", "coffee": "cup of coffee", "chelsea": "cat", "rocket": "rocket"}
 """Class names of the bundled demo photos (photo name -> zero-shot class)."""
 
 
+def _explain_plan(args) -> tuple[dict, dict]:
+    """(inputs, settings) of the run, every argument checked before a model is loaded."""
+    from ..mutual import _list_classes, read_class_names
+
+    for flag, value, low in (("--n-parts", args.n_parts, 1), ("--u", args.u, 1), ("--figures", args.figures, 0),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.descriptors and not Path(args.descriptors).is_file():
+        raise FileNotFoundError(f"--descriptors {args.descriptors!r} does not exist")
+    listing = _list_classes(args.folder)
+    read_class_names(args.classes, listing.classes)  # the names must match the class folders
+    inputs = {"images": folder_fingerprint(args.folder, [p for p, _ in listing.items]),
+              "descriptors": text_fingerprint(args.descriptors or demo_descriptor_path()),
+              "classes": text_fingerprint(args.classes) if args.classes else None}
+    settings = {k: getattr(args, k) for k in ("parts", "n_parts", "facet", "language_from", "u", "no_crf",
+                                              "figures", "batch_size")}
+    return inputs, settings
+
+
 def cmd_explain(args) -> int:
+    inputs, settings = _explain_plan(args)
+    out = Path(args.output)
+    record = read_run_record(out)
+    adopt_record_model(args, record, out)
+    refuse_mismatch(record, "mutual explain", inputs, settings, out)
     model, preprocess, tokenizer = load_model(args)
+    check_weights(record, model, out)
+    record_step(out, "mutual explain", args, model, inputs=inputs, settings=settings)
     descriptors = args.descriptors or demo_descriptor_path()
     summary = run_dataset(args.folder, model, preprocess, tokenizer, descriptors, output=args.output,
                           class_names=args.classes, parts=args.parts, seed=args.seed,
                           language_from=args.language_from, figures=args.figures,
                           progress=not args.quiet, facet=args.facet, crf=not args.no_crf,
                           n_parts=args.n_parts, u=args.u, batch_size=args.batch_size)
+    if summary["resumed"]:
+        print(f"resuming: {summary['resumed']} image(s) of finished classes in {args.output} reused (same model, "
+              f"images, descriptors, class names and settings)")
     print(f"mutual: {summary['images_with_results']} images with results "
           f"({summary['processed_this_run']} this run, {summary['resumed']} resumed, "
           f"{len(summary['unreadable'])} unreadable, empty classes: {summary['empty_classes'] or 'none'})")
@@ -43,8 +76,8 @@ def register(sub) -> None:
                    help="descriptor bank: .txt (one per line) or .json (class -> descriptors); "
                         "default: the small built-in demo list")
     p.add_argument("--classes", default=None,
-                   help="class names: .txt (one per class folder, sorted order) or .json (folder -> name); "
-                        "default: the folder names")
+                   help="class names: .txt (the same names as the class folders, any order; '_' = space) or "
+                        ".json (folder -> name, for folders named otherwise); default: the folder names")
     p.add_argument("--output", default="mutual-out", help="output folder (default: mutual-out)")
     p.add_argument("--parts", default="both", choices=["pca", "kmeans", "both"])
     p.add_argument("--n-parts", type=int, default=5)

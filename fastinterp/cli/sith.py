@@ -87,7 +87,10 @@ def _resolve_image_mean(spec, default_path: Path, d: int):
 # sith decompose
 # --------------------------------------------------------------------------------------
 def _cmd_decompose(args) -> int:
+    from . import sith_records
+
     progress = not args.quiet
+    record = sith_records.before_decompose(args, _model_dir(args), sith_records.check_decompose_args(args))
     model, preprocess, tokenizer = load_model(args)
     info = vit_info(model)
     layers = check_layers(model, args.layers)
@@ -106,9 +109,10 @@ def _cmd_decompose(args) -> int:
     res = decompose(model, emb, layers, rank=args.rank, method=args.method, sparsity=args.sparsity,
                     sv_type=args.sv_type, fold_ln=args.fold_ln, image_mean=mean, dictionary_name=d.name,
                     output_dir=out, batch_size=args.batch_size, force=args.force, progress=progress)
-    for layer, r in res.items():
-        name = decomposition_filename(layer, sv_type=args.sv_type, fold_ln=args.fold_ln, dictionary=d.name,
-                                      method=args.method, sparsity=args.sparsity)
+    files = {decomposition_filename(layer, sv_type=args.sv_type, fold_ln=args.fold_ln, dictionary=d.name,
+                                    method=args.method, sparsity=args.sparsity): layer for layer in res}
+    sith_records.record_decompose(args, model, mdir, record, d, files)
+    for name, (layer, r) in zip(files, res.items()):
         how = "existing file kept" if r.get("resumed") else "written"
         print(f"layer {layer}: {tuple(r['scores'].shape)} {how}: {out / name}")
         if args.explain:
@@ -148,7 +152,15 @@ def _print_fidelity(file: Path, res: dict) -> None:
 
 
 def _cmd_fidelity(args) -> int:
+    from . import sith_records
+
+    for f in args.files:  # every file named and parsed before the model loads
+        parse_decomposition_filename(f)
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"decomposition file {f!r} does not exist")
+    record, rdir = sith_records.adopt_for_files(args, args.files)
     model, _, tokenizer = load_model(args)
+    sith_records.check_weights(record, model, rdir)
     info = vit_info(model)
     dict_cache: dict = {}
     rows = []
@@ -167,6 +179,7 @@ def _cmd_fidelity(args) -> int:
         _print_fidelity(file, res)
         payload = {k: v for k, v in res.items() if k != "cos"}
         payload["cos"] = res["cos"].tolist()
+        payload["file"] = file.name  # beside its folder's decompositions/: the same run, the same bytes
         atomic_write_json(mdir / "fidelity" / (file.stem + ".json"), payload, indent=2)
         for h in res["heads"]:
             rows.append({"file": file.name, "layer": meta["layer"], **h})
@@ -177,6 +190,8 @@ def _cmd_fidelity(args) -> int:
             w.writeheader()
             w.writerows(rows)
         print(f"summary written to {args.csv}")
+    if rdir is not None:
+        sith_records.record_fidelity(args, model, rdir)
     return 0
 
 
@@ -233,10 +248,13 @@ def _decision_multipliers(args, name: str | None, mdir: Path, heads: int) -> tor
 
 
 def _cmd_edit(args) -> int:
+    from . import sith_records
     from .sith_scoring import check_edit_inputs
 
+    record = sith_records.adopt_for_edit(args, _model_dir)  # model and decomposition settings left out
     check_edit_inputs(args)  # decisions / decompositions / multipliers / layers, before the model loads
     model, _, tokenizer = load_model(args)
+    sith_records.check_weights(record, model, _model_dir(args))
     info = vit_info(model)
     layers = check_layers(model, args.layers)
     mdir = _model_dir(args)
@@ -268,6 +286,7 @@ def _cmd_edit(args) -> int:
               f"zeroed {int((m == 0).sum())}, flipped {int((m < 0).sum())}, other {int(((m != 1) & (m > 0)).sum())})")
     save = Path(args.save)
     atomic_save(model.state_dict(), save)
+    sith_records.record_edit(args, record, mdir, save)
     print(f"edited model written to {save} (load with fastinterp.load_clip({args.model_name!r}, checkpoint=...))")
     return 0
 
@@ -324,10 +343,11 @@ def _add_edit(sub) -> None:
                    help="multipliers: from --multipliers; suppress (1-2 keep, 3-5 zero) / sign-flip (1-2 keep, 3 "
                         "flip, 4-5 zero): from decisions files (`sith score` or --llm); classify: task-concept rescaling")
     q.add_argument("--dictionary", default=None, help="dictionary of the decompositions ('demo', 'bpe', file)")
-    q.add_argument("--method", default="comp-0.3")
-    q.add_argument("--sparsity", type=int, default=5)
-    q.add_argument("--fold-ln", action=argparse.BooleanOptionalAction, default=False,
-                   help="edit in the LN-folded, centered basis (as the decompositions it reads; the paper's edits use it)")
+    q.add_argument("--method", default=None, help="decomposition method (default: the run record's, else comp-0.3)")
+    q.add_argument("--sparsity", type=int, default=None, help="decomposition sparsity (default: the record's, else 5)")
+    q.add_argument("--fold-ln", action=argparse.BooleanOptionalAction, default=None,
+                   help="edit in the LN-folded, centered basis (as the decompositions it reads; the paper's edits use "
+                        "it; default: the run record's, else off)")
     q.add_argument("--decisions", default=None,
                    help="folder of decisions files <decomposition stem>.txt (default <model dir>/<recipe>-decisions)")
     q.add_argument("--llm", action="store_true",
