@@ -35,7 +35,7 @@ _NAMES = {
 }
 _SUBMODULES = frozenset({
     "ablation", "ccs", "cli", "concepts", "images", "io", "kernels", "llm", "models", "mutual", "pruning",
-    "reference", "sith", "sparse", "textspan", "vision", "vit", "zeroshot",
+    "reference", "sith", "sparse", "sweep", "textspan", "vision", "vit", "zeroshot",
 })
 
 __all__ = sorted(_NAMES)

@@ -13,6 +13,7 @@ KERNELS = ROOT / "kernels"
 
 LEVEL = {
     "cli": 4,
+    "sweep": 3.5,  # runs the methods over a grid (task graph, engines); only the cli is above it
     "sith": 3, "ccs": 3, "mutual": 3, "mutual_figures": 3, "pruning": 3,
     "sparse": 2, "textspan": 2, "ablation": 2, "vision": 2, "concepts": 2, "zeroshot": 2, "llm": 2,
     "images": 2, "reference": 2,
