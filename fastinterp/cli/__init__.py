@@ -16,6 +16,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "fastinterp.cli.sith",
     "fastinterp.cli.mutual",
     "fastinterp.cli.ccs",
+    "fastinterp.cli.sweep",
 )
 
 
