@@ -17,9 +17,9 @@ from typing import IO, Iterator
 
 import torch
 
-__all__ = ["CorruptFileError", "RUN_RECORD", "atomic_open", "atomic_write_text", "atomic_write_json", "atomic_save",
+__all__ = ["CorruptFileError", "MissingChecksumError", "RUN_RECORD", "atomic_open", "atomic_write_text", "atomic_write_json", "atomic_save",
            "content_hash", "files_fingerprint", "load_checked", "read_json", "read_run_record", "safe_name",
-           "save_checked", "text_fingerprint", "write_run_record"]
+           "save_checked", "save_tensor_checked", "load_tensor_checked", "text_fingerprint", "write_run_record"]
 
 CHECKSUM_KEY = "sha256"
 """The key under which `save_checked` stores the content hash beside the data."""
@@ -27,6 +27,10 @@ CHECKSUM_KEY = "sha256"
 
 class CorruptFileError(ValueError):
     """A saved file that cannot be read, or whose contents do not match their checksum."""
+
+
+class MissingChecksumError(CorruptFileError):
+    """A saved file with no checksum to verify it against (another tool's, or an older version's)."""
 
 
 @contextlib.contextmanager
@@ -39,6 +43,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder, so no file can be written there; move or delete the "
+                                f"folder, or choose another output path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{str(path.parent)!r} is a file, but {str(path)!r} needs it to be a folder; move "
+                                 f"the file away or choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -128,6 +138,54 @@ def save_checked(obj: dict, path: str | os.PathLike) -> None:
     atomic_save({**obj, CHECKSUM_KEY: content_hash(obj)}, path)
 
 
+SIDECAR_SUFFIX = ".sha256"
+"""`save_tensor_checked` writes the content hash of a bare-tensor file to `<file>.sha256`."""
+
+
+def save_tensor_checked(tensor: torch.Tensor, path: str | os.PathLike) -> None:
+    """`atomic_save` of a bare tensor (a file other tools read as a tensor, e.g. SITH's
+    image_mean.pt) plus its content hash in `<path>.sha256`, written after it (a crash in
+    between leaves a stale hash, which `load_tensor_checked` reports: never a silent read)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"save_tensor_checked takes a tensor, got {type(tensor).__name__}")
+    atomic_save(tensor, path)
+    atomic_write_text(os.fspath(path) + SIDECAR_SUFFIX, content_hash(tensor) + "\n")
+
+
+def _torch_load(path: str, what: str):
+    if os.path.isdir(path):
+        raise CorruptFileError(f"{path!r} is a folder, not {what}; move it away")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many types (with its own advice) for truncated / foreign files
+        raise CorruptFileError(f"{path!r} cannot be read as {what} ({type(err).__name__}): it is truncated, corrupt "
+                               f"or not a tensor file; delete it (it is rebuilt where fastinterp made it) or "
+                               f"give a file saved with torch.save") from None
+
+
+def load_tensor_checked(path: str | os.PathLike, *, require_checksum: bool = False,
+                        what: str = "a saved tensor") -> torch.Tensor:
+    """A bare-tensor file (`weights_only=True`), verified against `<path>.sha256` when that
+    exists (required with `require_checksum`). CorruptFileError naming the file, what is
+    wrong and the fix, for a folder, an unreadable or non-tensor file, or a mismatch."""
+    path = os.fspath(path)
+    data = _torch_load(path, what)
+    if not isinstance(data, torch.Tensor):
+        raise CorruptFileError(f"{path!r} holds a {type(data).__name__}, not {what}: save the tensor itself "
+                               f"(torch.save(tensor, path))")
+    sidecar = Path(path + SIDECAR_SUFFIX)
+    if sidecar.is_file():
+        stored = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        if stored != content_hash(data):
+            raise CorruptFileError(f"{path!r}: its contents do not match the checksum in {sidecar.name} (the file "
+                                   f"is corrupt, or was replaced without it); delete both to rebuild it")
+    elif require_checksum:
+        raise MissingChecksumError(f"{path!r} has no checksum file {sidecar.name}; delete it to rebuild it")
+    return data
+
+
 def load_checked(path: str | os.PathLike, *, require_checksum: bool = True) -> dict:
     """Load a file written by `save_checked` (tensors only, `weights_only=True`) and verify it.
 
@@ -136,21 +194,13 @@ def load_checked(path: str | os.PathLike, *, require_checksum: bool = True) -> d
     contents do not match the checksum. Returns the dict without the checksum key.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CorruptFileError(f"{path!r} is a folder, not a saved file; move it away")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # torch raises many types for truncated / foreign files
-        raise CorruptFileError(f"{path!r} cannot be read ({type(err).__name__}): it is truncated, corrupt or "
-                               f"not a file fastinterp wrote; delete it to rebuild it") from err
+    data = _torch_load(path, "a file fastinterp wrote")
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path!r} holds a {type(data).__name__}, not the dict fastinterp writes")
     stored = data.pop(CHECKSUM_KEY, None)
     if stored is None:
         if require_checksum:
-            raise CorruptFileError(f"{path!r} carries no checksum (written by another tool or an older "
+            raise MissingChecksumError(f"{path!r} carries no checksum (written by another tool or an older "
                                    f"version); delete it to rebuild it")
         return data
     if stored != content_hash(data):

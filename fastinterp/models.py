@@ -53,6 +53,18 @@ def _parse_device(device) -> torch.device:
     return dev
 
 
+def _checkpoint_problem(path: str, name: str, err: Exception) -> str:
+    """Our diagnosis first (which file, what is wrong, the fix), then the library's first line."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    if "state_dict" in str(err) or isinstance(err, KeyError):
+        what = (f"it was saved for another model than {name!r} (its tensors do not match this config); pass the "
+                f"--model-name it was saved for")
+    else:
+        what = ("the file is truncated, corrupt or not a torch / open_clip checkpoint; save it again "
+                "(torch.save(model.state_dict(), path)) or copy it again")
+    return f"could not load checkpoint {path!r} into {name!r}: {what}. ({type(err).__name__}: {first})"
+
+
 def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpoint: str | os.PathLike | None = None):
     """Build an open_clip CLIP model.
 
@@ -92,11 +104,8 @@ def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpo
     if checkpoint is not None:
         try:
             open_clip.load_checkpoint(model, path, device=dev)
-        except Exception as err:  # open_clip raises many types for bad files
-            raise ValueError(
-                f"could not load checkpoint {path!r} into {name!r}: {err}. Check that the file is a "
-                f"complete state dict saved for this same model config."
-            ) from err
+        except Exception as err:  # open_clip / torch raise many types (with their own advice) for bad files
+            raise ValueError(_checkpoint_problem(path, name, err)) from None
     model.eval()
     model.fastinterp_name = name
     model.fastinterp_weights = checkpoint and os.fspath(checkpoint) or pretrained or "random"

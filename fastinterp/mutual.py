@@ -260,6 +260,18 @@ def _as_methods(parts) -> tuple[str, ...]:
     return parts
 
 
+_SIZE_ARGS = ("n_parts", "u", "u_venn", "top_initial", "per_part", "batch_size")
+
+
+def _check_sizes(**sizes) -> None:
+    """Counts of `explain` (n_parts, u, ...) must be ints >= 1: u = 0 would give an empty D_y and
+    MI 0 for every image, a silent wrong answer."""
+    for name, value in sizes.items():
+        if name in _SIZE_ARGS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name}={value!r} ({flag}) must be an integer >= 1")
+
+
 def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], descriptors, *,
             labels=None, parts="pca", n_parts: int = 5, facet: str = "tokens", seed: int = 0,
             crf: bool = True, language_from: str = "predicted", u: int = 50, u_venn: int = 15,
@@ -292,6 +304,8 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         MI (its first point), AUC (its mean) and the concept sets (vision, language, mutual).
     """
     methods = _as_methods(parts)
+    _check_sizes(n_parts=n_parts, u=u, u_venn=u_venn, top_initial=top_initial, per_part=per_part,
+                 batch_size=batch_size)
     if language_from not in ("predicted", "label"):
         raise ValueError(f"language_from={language_from!r}; use 'predicted' or 'label'")
     bank = load_descriptors(descriptors)
@@ -476,6 +490,7 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
 
     t0 = time.perf_counter()
     methods = _as_methods(parts)
+    _check_sizes(**explain_kwargs)  # before any encoding
     out = Path(output)
     listing = _list_classes(root)
     names = read_class_names(class_names, listing.classes)

@@ -123,6 +123,10 @@ def _check_inputs(x, dictionary, k, *, normalize, k_name="max_sparsity"):
     """Validate and canonicalise: returns (x2d, dictionary, squeeze)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor (B, D) or (D,), got {type(x).__name__}")
+    # the pursuit is not differentiable (greedy argmax, in-place solves): codes carry no gradient
+    x = x.detach()
+    if isinstance(dictionary, torch.Tensor) and dictionary.requires_grad:
+        dictionary = dictionary.detach()
     if x.ndim not in (1, 2):
         raise ValueError(f"x must be (B, D) or (D,), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64):
@@ -143,6 +147,7 @@ def _check_inputs(x, dictionary, k, *, normalize, k_name="max_sparsity"):
                             f"dictionaries are accepted with float32 x)")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf; clean the signals first")
+    _check_magnitude(x, 0.0)
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"{k_name} must be an int, got {k!r}")
@@ -159,9 +164,28 @@ def _check_selection(selection):
         raise ValueError(f"selection={selection!r}: choose 'signed' (SITH's rule) or 'abs' (textbook OMP)")
 
 
+def _check_magnitude(x: torch.Tensor, coh: float) -> None:
+    """The scores (r + coh * mean) @ G.T are bounded by (|x| + |coh|) * sqrt(D) for unit atoms:
+    refuse inputs whose scores could overflow x's dtype (the dtype the selection runs in)."""
+    if x.shape[0] == 0:
+        return
+    limit = torch.finfo(x.dtype).max
+    if not abs(coh) < limit:
+        raise ValueError(f"coh={coh!r} does not fit in {x.dtype} (max {limit:.3g}); use a smaller coh or "
+                         f"float64 signals")
+    bound = (float(torch.linalg.vector_norm(x.to(torch.float64), dim=1).max()) + abs(coh)) * x.shape[1] ** 0.5
+    if not bound < limit:
+        raise ValueError(f"the selection scores could overflow {x.dtype}: |x| + |coh| = {bound:.3g} x sqrt(D) "
+                         f"exceeds its max {limit:.3g}; scale x and coh down (the atoms picked do not change "
+                         f"when both are scaled) or use float64")
+
+
 def _check_coh(coh, coh_dictionary, dictionary, x):
     if not isinstance(coh, (int, float)) or isinstance(coh, bool) or coh != coh or abs(coh) == float("inf"):
         raise ValueError(f"coh must be a finite number, got {coh!r}")
+    _check_magnitude(x, float(coh))
+    if isinstance(coh_dictionary, torch.Tensor) and coh_dictionary.requires_grad:
+        coh_dictionary = coh_dictionary.detach()
     if coh_dictionary is None or coh_dictionary is dictionary:
         return None
     if not isinstance(coh_dictionary, torch.Tensor) or coh_dictionary.ndim != 2:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_save, atomic_write_json
+from .io import CorruptFileError, atomic_write_json, load_checked, save_checked
 from .vit import check_blocks, check_heads, check_layers, head_outputs, vision_transformer, vit_info
 
 __all__ = [
@@ -206,12 +207,18 @@ def _batch_path(folder: Path, i: int) -> Path:
 
 
 def _load_batch(path: Path):
+    """A batch file's tensors, or None when it is missing; a damaged one (checksum mismatch,
+    unreadable, foreign) is reported by name and recomputed, never used."""
+    if not path.exists():
+        return None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or set(data) != {"heads", "mlps", "other", "embedding"}:
-            return None
+        data = load_checked(path)
+        if set(data) != {"heads", "mlps", "other", "embedding"} or not all(
+                isinstance(v, torch.Tensor) for v in data.values()):
+            raise CorruptFileError(f"{str(path)!r} is not a head-contributions batch file")
         return data
-    except Exception:  # a partial or corrupt file: recompute
+    except CorruptFileError as err:
+        warnings.warn(f"{err} -- recomputing this batch", UserWarning, stacklevel=3)
         return None
 
 
@@ -377,7 +384,7 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
                 h, m, o, e = _linearise(visual, *raw, info.layers)
                 data = {"heads": h.cpu(), "mlps": m.cpu(), "other": o.cpu(), "embedding": e.cpu()}
             if folder is not None:
-                atomic_save(data, _batch_path(folder, i))
+                save_checked(data, _batch_path(folder, i))
         parts.append(data)
     if folder is not None:
         meta["n_batches"] = n_batches

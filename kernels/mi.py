@@ -385,6 +385,9 @@ def mutual_info_score(labels_true, labels_pred, *, contingency=None) -> float:
             raise ValueError("contingency holds non-integer values; it must hold counts")
     if table.size and table.min() < 0:
         raise ValueError("contingency holds negative values; it must hold counts >= 0")
+    if table.size and float(table.sum(dtype=np.float64)) >= 2.0 ** 62:
+        raise ValueError(f"contingency counts sum to {float(table.sum(dtype=np.float64)):.3g}, beyond int64 "
+                         f"arithmetic (2**62); these are not sample counts")
     table = np.ascontiguousarray(table, dtype=np.int64)
     if table.size == 0 or not table.any():
         raise ValueError("contingency is empty or all zeros: mutual information is undefined")

@@ -50,6 +50,7 @@ from .dispatch import HAS_NUMBA, choose_backend, last_backend, numba_form, regis
 from .sinkhorn_batch import FORMS as _BATCH_TABLE
 from .sinkhorn_batch import sinkhorn_batched
 from .sinkhorn_checks import (  # noqa: F401  (status codes and METHODS: public names of this module)
+    _check_fixed_plans,
     BAD_COST_NEGATIVE,
     BAD_COST_NONFINITE,
     CONVERGED,
@@ -65,7 +66,7 @@ from .sinkhorn_checks import (  # noqa: F401  (status codes and METHODS: public 
     _sums_match,
     _warn_status,
 )
-from .sinkhorn_pot import POT_ONLY_METHODS, call_pot, check_call, pot_reason
+from .sinkhorn_pot import POT_ONLY_METHODS, call_pot, check_call, check_overflow, pot_reason
 
 if HAS_NUMBA:
     from . import sinkhorn_numba as _nb
@@ -154,6 +155,17 @@ def _masses_match(a_np, b_np, M_np) -> bool:
     return bool(_sums_match(sa, sb, _float_dtype(M_np, a_np, b_np)))
 
 
+def _row_shifted(cost: np.ndarray, reg: float) -> np.ndarray:
+    """The fixed-iteration loop normalises rows first, which cancels any per-row factor of
+    exp(-M / reg): where a row's exp would over- or underflow, shift its costs by their
+    minimum (the same plan, finite). Unchanged (the same array) when nothing would."""
+    if cost.size == 0 or not np.isfinite(cost).all():
+        return cost  # the kernel reports non-finite costs
+    lo = cost.min(axis=-1, keepdims=True)
+    far = np.abs(lo / reg) > 700.0
+    return cost - np.where(far, lo, 0.0) if far.any() else cost
+
+
 def _print_errors(errs) -> None:
     for k, e in enumerate(errs):
         if k % 20 == 0:
@@ -202,6 +214,7 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
     if not allow_negative_cost and code != 2 and (M_np < 0).any():
         _raise_bad_cost(np.array([BAD_COST_NEGATIVE]), "")
     if code != 2:
+        check_overflow(M_np, reg, key)
         why = pot_reason(a, b, M, a_np, b_np, M_np, reg, key, kwargs, _masses_match)
         if why is not None:
             if backend is not None:
@@ -212,6 +225,8 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
         raise TypeError(f"method={method!r} takes no solver keywords, got {sorted(kwargs)}")
     form = choose_backend("sinkhorn", [x for x in (a, b, M) if isinstance(x, torch.Tensor)], backend=backend)
     Mf, af, bf, n, m, reg, out_dtype, M_torch = _single_problem(a, b, M, reg, code, method)
+    if code == 2:
+        Mf = _row_shifted(Mf.reshape(n, m), reg).reshape(-1)
     u, v = _start_point(warmstart, code, n, m)
     errs = np.full(numItermax // 10 + 1, np.nan)
     out = np.empty(n * m)
@@ -225,6 +240,8 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
     if verbose:  # POT's Knopp loop prints an error only when it did not stop on it
         _print_errors(errs[:-1] if code == 0 and errs.size and errs[-1] < stopThr else errs)
     plan = out.reshape(n, m).astype(out_dtype, copy=False)
+    if code == 2:
+        _check_fixed_plans(out, "M")
     plan = torch.from_numpy(plan) if M_torch else plan
     if not log:
         return plan
@@ -254,14 +271,22 @@ def sinkhorn_fixed(S, scale: float = 2.5, epsilon: float = 1.0, iters: int = 100
         if arr.dtype.kind not in "iuf":
             raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
         neg = -((arr.astype(np.float64) * scale) * epsilon)  # cost whose exp(-cost / 1) is the reference's P
+        if neg.ndim >= 2:
+            neg = _row_shifted(neg, 1.0)
         return neg, arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64), was_torch
+
+    def finite(plan, name):
+        if not np.isfinite(plan).all():
+            raise ValueError(f"the plan of {name} under/overflowed float64: (max S - min S) * scale * epsilon is "
+                             f"too large for exp; use a smaller scale or epsilon")
+        return plan
 
     if isinstance(S, (list, tuple)):
         items = [logits(x, f"S[{p}]") for p, x in enumerate(S)]
         plans = sinkhorn_batched(None, None, [c for c, _, _ in items], 1.0, iters, method="reference",
                                  backend=backend)
-        return [torch.from_numpy(P.astype(dt)) if tt else P.astype(dt, copy=False)
-                for P, (_, dt, tt) in zip(plans, items)]
+        return [torch.from_numpy(finite(P, f"S[{p}]").astype(dt)) if tt else finite(P, f"S[{p}]").astype(dt, copy=False)
+                for p, (P, (_, dt, tt)) in enumerate(zip(plans, items))]
     cost, dt, was_torch = logits(S, "S")
     if cost.ndim == 3:
         plans = sinkhorn_batched(None, None, cost, 1.0, iters, method="reference", backend=backend)
@@ -270,5 +295,5 @@ def sinkhorn_fixed(S, scale: float = 2.5, epsilon: float = 1.0, iters: int = 100
                          backend=backend)
     else:
         raise ValueError(f"S must be (L, K), (B, L, K) or a list of 2-D matrices, got shape {cost.shape}")
-    plans = plans.astype(dt, copy=False)
+    plans = finite(plans, "S").astype(dt, copy=False)
     return torch.from_numpy(plans) if was_torch else plans

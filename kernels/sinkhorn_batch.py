@@ -21,6 +21,7 @@ import torch
 from .dispatch import HAS_NUMBA, choose_backend, numba_form, register
 from .sinkhorn_checks import (
     _as_array,
+    _check_fixed_plans,
     _check_scalars,
     _flat_marginals,
     _float_dtype,
@@ -231,6 +232,8 @@ def sinkhorn_batched(a, b, M, reg, numItermax=1000, stopThr=1e-9, *, method: str
         solve_many(code, pk.m_addr, o_addr, pk.ncols, pk.nrows, pk.ncols, flat_a, aoff, flat_b, boff, regs,
                    u, v, numItermax, stopThr, check_negative, niter, status, err)
     _raise_bad_cost(status, "[p]")
+    if code == 2:  # the plans of a list sit in one buffer, the base of their views
+        _check_fixed_plans(flat if padded else (outs[0].base if outs[0].base is not None else outs[0]), "M")
     if warn and code != 2:
         _warn_status(status, niter, err, numItermax, stopThr, True)
 

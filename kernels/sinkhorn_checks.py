@@ -117,6 +117,14 @@ def _warn_status(status: np.ndarray, niter: np.ndarray, err: np.ndarray, numIter
             warnings.warn(POT_NOT_CONVERGED, UserWarning, stacklevel=3)
 
 
+def _check_fixed_plans(flat: np.ndarray, what: str) -> None:
+    """The fixed-iteration loop has no status: a row or column whose entries all underflow
+    gives 0 / 0. One pass over the plans (reference method only)."""
+    if not np.isfinite(flat).all():
+        raise ValueError(f"the fixed-iteration plan of {what} under/overflowed float64 (a whole row or column of "
+                         f"exp(-M / reg) is 0 or inf): the spread of the costs / reg is too large; use a larger reg")
+
+
 def _ragged(x, name: str, count: int):
     """None/[] -> None; a (B, k) array -> list of its rows; a list -> list of numpy arrays."""
     if x is None:

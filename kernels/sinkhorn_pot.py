@@ -2,8 +2,7 @@
 
 `fastinterp.sinkhorn` is POT's ``ot.sinkhorn`` contract. Its Numba kernel covers the common
 case (CPU arrays or tensors without autograd, one histogram b, equal masses, methods
-"sinkhorn" / "sinkhorn_log", no solver keywords, costs whose exp(-M / reg) does not
-overflow); every other call POT accepts is passed to ``ot.sinkhorn`` unchanged, so the
+"sinkhorn" / "sinkhorn_log", no solver keywords); every other call POT accepts is passed to ``ot.sinkhorn`` unchanged, so the
 answer and the warnings are POT's: other `method=` values, b with several columns (a loss
 per column comes back), torch tensors that require grad (a differentiable plan) or live on
 a GPU, unequal masses (POT warns that it did not converge and returns its plan), extra
@@ -11,7 +10,7 @@ keywords for POT's solvers.
 
 Before either, `check_call` refuses, with a ValueError saying what and where, the inputs
 for which POT returns NaN or a meaningless plan: NaN / infinite costs or weights, negative
-weights, reg <= 0, mismatched shapes.
+weights, reg <= 0, mismatched shapes, costs so negative that exp(-M / reg) overflows.
 """
 from __future__ import annotations
 
@@ -94,9 +93,16 @@ def pot_reason(a, b, M, a_np, b_np, M_np, reg: float, method: str, kwargs: dict,
         return "several histograms b"
     if not masses_match(a_np, b_np, M_np):
         return "unequal masses"
-    if method != "sinkhorn_log" and -float(M_np.min()) / reg > _EXP_LIMIT:
-        return "exp(-M / reg) overflows"
     return None
+
+
+def check_overflow(M_np: np.ndarray, reg: float, method: str) -> None:
+    """exp(-M / reg) overflowing float64 makes POT's plan infinite (it warns 'numerical errors'
+    and returns u K v with K = inf): refused, with the fix, instead."""
+    if method != "sinkhorn_log" and -float(M_np.min()) / reg > _EXP_LIMIT:
+        raise ValueError(f"exp(-M / reg) overflows float64 (min(M) / reg = {float(M_np.min()) / reg:.3g}): POT "
+                         f"returns an infinite plan here. Pass M - M.min() (the plan does not change when a "
+                         f"constant is added to M) or method='sinkhorn_log'")
 
 
 def call_pot(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, warmstart, kwargs):
@@ -105,5 +111,16 @@ def call_pot(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, warm
 
     if method == "sinkhorn_knopp":  # our alias; POT's ot.sinkhorn calls it "sinkhorn"
         method = "sinkhorn"
-    return ot.sinkhorn(a, b, M, reg, method=method, numItermax=numItermax, stopThr=stopThr, verbose=verbose,
-                       log=log, warn=warn, warmstart=warmstart, **kwargs)
+    out = ot.sinkhorn(a, b, M, reg, method=method, numItermax=numItermax, stopThr=stopThr, verbose=verbose,
+                      log=log, warn=warn, warmstart=warmstart, **kwargs)
+    plan = out[0] if log else out
+    values = plan.detach().cpu().numpy() if isinstance(plan, torch.Tensor) else np.asarray(plan)
+    if not np.isfinite(values).all():  # POT's solvers return inf / NaN where exp(-M / reg) under/overflows
+        raise ValueError(f"ot.sinkhorn(method={method!r}) returned a plan with NaN or infinity: exp(-M / reg) "
+                         f"under/overflows for these costs (M / reg spans {float(np.min(M_np_of(M))) / reg:.3g} .. "
+                         f"{float(np.max(M_np_of(M))) / reg:.3g}); use a larger reg or method='sinkhorn_log'")
+    return out
+
+
+def M_np_of(M) -> np.ndarray:
+    return M.detach().cpu().numpy() if isinstance(M, torch.Tensor) else np.asarray(M, dtype=np.float64)

@@ -137,7 +137,7 @@ def test_negative_costs_as_pot():
     u, v, M = _points(15, seed=4, m=9)
     assert same_as_pot(u, v, M - 3.0, 0.5) == "numba"
     same_as_pot(u, v, -M, 0.5, method="sinkhorn_log")
-    same_as_pot(u, v, M - 1e4, 1.0, warn=False)  # exp(-M / reg) overflows: POT's own answer and warning
+    same_as_pot(u, v, M - 1e4, 1.0, method="sinkhorn_log")
 
 
 def test_unequal_masses_warn_and_run_as_pot():
@@ -186,6 +186,7 @@ def test_torch_autograd_gives_pots_differentiable_plan():
     (([], [], np.ones((2, 2)), 0.0), {}, "reg"),
     (([np.nan, 0.5], [0.5, 0.5], np.ones((2, 2)), 1.0), {}, "NaN"),
     (([1.5, -0.5], [0.5, 0.5], np.ones((2, 2)), 1.0), {}, "negative"),
+    (([], [], np.ones((2, 2)) - 1e4, 1.0), {}, "overflows"),  # POT: an infinite plan
 ])
 def test_where_pot_returns_nan_we_refuse(args, kwargs, match):
     """POT returns NaN (or a plan from NaN potentials) with at most a warning; here a clear error."""

@@ -54,12 +54,15 @@ def test_resumable_batches(tiny_clip, pixels, tmp_path):
     first = head_contributions(model, pixels, batch_size=2, output=tmp_path, progress=False)
     files = sorted(tmp_path.glob("batch_*.pt"))
     assert len(files) == 3
-    # mark a finished batch: if it is reused, the sentinel survives
-    data = torch.load(files[1], weights_only=True)
+    # mark a finished batch (rewritten with its checksum): if it is reused, the sentinel survives
+    from fastinterp.io import load_checked, save_checked
+
+    data = load_checked(files[1])
     data["heads"] = data["heads"] + 1000.0
-    torch.save(data, files[1])
-    files[2].write_bytes(b"corrupt")  # recomputed
-    again = head_contributions(model, pixels, batch_size=2, output=tmp_path, progress=False)
+    save_checked(data, files[1])
+    files[2].write_bytes(b"corrupt")  # reported by name and recomputed
+    with pytest.warns(UserWarning, match=r"batch_000002\.pt.*recomputing"):
+        again = head_contributions(model, pixels, batch_size=2, output=tmp_path, progress=False)
     assert torch.allclose(again.heads[2:4], first.heads[2:4] + 1000.0)
     assert torch.allclose(again.heads[4:], first.heads[4:], atol=1e-6)
     loaded = load_contributions(tmp_path)

@@ -38,6 +38,6 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # commands write figure files; no window, whatever the user's default
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, IndexError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, IndexError, RuntimeError) as err:  # OSError: folders at file paths, ...
         print(f"fastinterp {args.command}: error: {err}", file=sys.stderr)
         return 2

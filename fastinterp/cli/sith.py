@@ -62,8 +62,14 @@ def _encode_dictionary(args, model, tokenizer, progress: bool):
     emb = d.encode(model, tokenizer, batch_size=max(args.batch_size, 256), progress=progress)
     mdir = _model_dir(args)
     raw_path = mdir / "dictionaries" / f"{d.name}.pt"
-    if not raw_path.exists():  # SITH's readers load <model dir>/dictionaries/<name>.pt and dictionaries/<name>.txt
-        atomic_save(emb, raw_path)
+    # SITH's readers load <model dir>/dictionaries/<name>.pt and dictionaries/<name>.txt; the .pt is
+    # (re)written unless its checksum file says it holds exactly these embeddings
+    from ..io import SIDECAR_SUFFIX, content_hash, save_tensor_checked
+
+    sidecar = raw_path.with_name(raw_path.name + SIDECAR_SUFFIX)
+    if not (raw_path.is_file() and sidecar.is_file()
+            and sidecar.read_text(encoding="utf-8", errors="replace").strip() == content_hash(emb)):
+        save_tensor_checked(emb, raw_path)
     txt = Path(args.output) / "dictionaries" / f"{d.name}.txt"
     if not txt.exists():
         atomic_write_text(txt, "\n".join(d.texts) + "\n")
@@ -79,7 +85,14 @@ def _resolve_image_mean(spec, default_path: Path, d: int):
             return None
         raise FileNotFoundError(f"--image-mean {str(path)!r} does not exist; give a .pt file with a ({d},) tensor, "
                                 f"'auto' or 'none', or compute one with --images FOLDER")
-    mean = torch.load(path, map_location="cpu", weights_only=True)
+    from ..io import CorruptFileError, load_tensor_checked
+
+    try:
+        mean = load_tensor_checked(path, what=f"an image mean (a ({d},) tensor)")
+    except CorruptFileError as err:
+        fix = ("pass --images FOLDER to compute it again, or --image-mean none" if spec in (None, "auto")
+               else "give a .pt file saved with torch.save(mean, path), 'auto' or 'none'")
+        raise CorruptFileError(f"--image-mean: {err}; {fix}") from None
     return _check_image_mean(mean.float(), d)
 
 
@@ -139,7 +152,9 @@ def _fidelity_dictionary(args, model, tokenizer, file: Path, meta: dict, mdir: P
     if not raw.exists():
         raise FileNotFoundError(f"no encoded dictionary {str(raw)!r} next to {file.name}; pass --dictionary "
                                 f"(demo, bpe or the concept file) used for the decomposition")
-    return torch.load(raw, map_location="cpu", weights_only=True).float()
+    from ..io import load_tensor_checked
+
+    return load_tensor_checked(raw, what="encoded dictionary embeddings").float()
 
 
 def _print_fidelity(file: Path, res: dict) -> None:

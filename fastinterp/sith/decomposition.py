@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..io import atomic_save
+from ..io import CorruptFileError, MissingChecksumError, load_checked, save_checked
 from ..vit import check_layers, vit_info
 from .vo import (_block, _check_image_mean, _check_rank, _check_sv_type, _factored_svd, _factors, _resolve_center,
                  prepare_dictionary, project)
@@ -76,18 +77,21 @@ def _tensor_hash(t: torch.Tensor, max_elements: int = 1 << 24) -> str:
     return h.hexdigest()[:32]
 
 
-def load_decomposition(path: str | os.PathLike) -> dict:
+def load_decomposition(path: str | os.PathLike, *, require_checksum: bool = False) -> dict:
     """Read a decomposition file (ours or the reference's): {"scores", "indices", ...}
-    with scores/indices (H, r, K). Raises ValueError naming the problem if it is invalid."""
+    with scores/indices (H, r, K). Ours carry a content checksum, verified here (the
+    reference's have none, accepted unless `require_checksum`). Raises ValueError
+    (CorruptFileError for a damaged file) naming the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise CorruptFileError(f"decomposition file {str(path)!r} is a folder; move it away")
     if not path.is_file():
         raise FileNotFoundError(f"decomposition file {str(path)!r} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read decomposition file {str(path)!r} ({type(err).__name__}: {err}); "
-                         f"delete it and decompose again") from err
-    if not isinstance(data, dict) or "scores" not in data or "indices" not in data:
+        data = load_checked(path, require_checksum=require_checksum)
+    except CorruptFileError as err:
+        raise type(err)(f"decomposition file {err}; or decompose again with --force") from None
+    if "scores" not in data or "indices" not in data:
         raise ValueError(f"{str(path)!r} is not a SITH decomposition (needs 'scores' and 'indices')")
     s, i = data["scores"], data["indices"]
     if not (isinstance(s, torch.Tensor) and isinstance(i, torch.Tensor) and s.shape == i.shape and s.ndim == 3):
@@ -99,9 +103,17 @@ def load_decomposition(path: str | os.PathLike) -> dict:
 
 
 def _valid_existing(path: Path, meta: dict) -> dict | None:
-    try:
+    if not path.exists():
+        return None
+    try:  # ours carry a checksum; a file without one is reused only if it is the reference's (no meta)
+        data = load_decomposition(path, require_checksum=True)
+    except MissingChecksumError as err:
         data = load_decomposition(path)
-    except (ValueError, FileNotFoundError):
+        if "meta" in data:
+            warnings.warn(f"{err} -- not reused: decomposing the layer again", UserWarning, stacklevel=4)
+            return None
+    except (ValueError, FileNotFoundError) as err:
+        warnings.warn(f"{err} -- not reused: decomposing the layer again", UserWarning, stacklevel=4)
         return None
     expect = (meta["heads"], meta["rank"], meta["sparsity"])
     if tuple(data["scores"].shape) != expect:
@@ -229,11 +241,14 @@ def _start_codes(n: int, sparsity: int, partial: Path | None, meta: dict):
     indices = torch.zeros(n, sparsity, dtype=torch.long)
     if partial is not None and partial.exists():
         try:
-            part = torch.load(partial, map_location="cpu", weights_only=True)
-            if part.get("meta") == meta and part["scores"].shape == scores.shape:
-                return part["scores"], part["indices"], int(part["done"])
-        except Exception:  # an unreadable partial file is simply recomputed
-            pass
+            part = load_checked(partial)
+        except CorruptFileError as err:  # reported, never used: the layer starts over
+            warnings.warn(f"{err} -- not resumed: coding the layer from the start", UserWarning, stacklevel=4)
+            return scores, indices, 0
+        if (part.get("meta") == meta and isinstance(part.get("scores"), torch.Tensor)
+                and part["scores"].shape == scores.shape and isinstance(part.get("indices"), torch.Tensor)
+                and part["indices"].shape == indices.shape):
+            return part["scores"], part["indices"], int(part["done"])
     return scores, indices, 0
 
 
@@ -258,7 +273,7 @@ def _code_signals(z: torch.Tensor, run: _Run, meta: dict, partial: Path | None, 
         bar.update(len(batch))
         n_batches += 1
         if partial is not None and n_batches % run.save_every == 0 and s0 + len(batch) < n:
-            atomic_save({"scores": scores, "indices": indices, "done": s0 + len(batch), "meta": meta}, partial)
+            save_checked({"scores": scores, "indices": indices, "done": s0 + len(batch), "meta": meta}, partial)
     bar.close()
     return scores, indices
 
@@ -276,7 +291,7 @@ def _decompose_layer(model, layer: int, run: _Run, *, force: bool, progress: boo
     res = {"scores": scores.reshape(H, run.rank, run.sparsity), "indices": indices.reshape(H, run.rank, run.sparsity),
            "singular_values": s_vals, "meta": meta}
     if path is not None:
-        atomic_save(res, path)
+        save_checked(res, path)
         partial.unlink(missing_ok=True)
     return res
 
