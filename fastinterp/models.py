@@ -113,15 +113,6 @@ def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpo
     return model, preprocess, tokenizer
 
 
-_HASH_CACHE_ATTR = "_fastinterp_weights_hashes"
-
-
-def _weights_key(state: dict, exclude_prefix: str | None) -> tuple:
-    """What identifies the current weights without reading them: per tensor its name,
-    storage address, shape, dtype, device and version counter (bumped by every in-place
-    write through the tensor or a view of it: `copy_`, `mul_`, `load_state_dict`...)."""
-    return tuple((k, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
-                 for k, t in sorted(state.items())
 def _tokenizer(name: str):
     """open_clip's tokenizer for `name`; SigLIP / SigLIP2 / multilingual configs use a Hugging
     Face tokenizer, which needs `transformers` and a one-time download: a clear error then."""
@@ -138,6 +129,15 @@ def _tokenizer(name: str):
         ) from err
 
 
+_HASH_CACHE_ATTR = "_fastinterp_weights_hashes"
+
+
+def _weights_key(state: dict, exclude_prefix: str | None) -> tuple:
+    """What identifies the current weights without reading them: per tensor its name,
+    storage address, shape, dtype, device and version counter (bumped by every in-place
+    write through the tensor or a view of it: `copy_`, `mul_`, `load_state_dict`...)."""
+    return tuple((k, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
+                 for k, t in sorted(state.items())
                  if not (exclude_prefix and k.startswith(exclude_prefix)))
 
 
