@@ -151,3 +151,22 @@ def test_edit_checks_inputs_before_loading_the_model(decomposed, tmp_path, capsy
     assert rc == 2 and "cannot be read" in err
     rc, _, err = edit("--layers", "3", "--recipe", "multipliers", "--multipliers", str(tmp_path / "none.pt"))
     assert rc == 2 and "does not exist" in err
+
+
+def test_sith_score_takes_the_decomposition_settings_from_the_run_record(decomposed, capsys):
+    import json
+
+    out, mdir, stem = decomposed
+    # no --dictionary / --sparsity / --fold-ln: the folder's latest decompose says demo, 3, fold-ln
+    rc, stdout, err = _run(capsys, "sith", "score", "--layers", "3", "--recipe", "sign-flip", "--scorer", "clip",
+                           "--output", str(out), "--quiet")
+    assert rc == 0, err
+    assert (mdir / "sign-flip-decisions" / f"{stem}.txt").is_file()
+    step = json.loads((mdir / "run.json").read_text())["steps"]["sith score sign-flip"]
+    assert step["settings"]["dictionary"] == "demo" and step["settings"]["sparsity"] == 3
+    assert step["settings"]["fold_ln"] is True and step["settings"]["scorer"] == "clip"
+    assert step["decisions"] == {f"{stem}.pt": f"sign-flip-decisions/{stem}.txt"}
+    # a model flag that contradicts the record is refused before anything is scored
+    rc, _, err = _run(capsys, "sith", "score", "--layers", "3", "--recipe", "sign-flip", "--scorer", "clip",
+                      "--seed", "7", "--output", str(out), "--quiet")
+    assert rc == 2 and "--seed 7 (the record says 0)" in err

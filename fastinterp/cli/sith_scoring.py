@@ -14,7 +14,7 @@ import torch
 from ..sith import (PROMPT_BACKGROUND, PROMPT_UNSAFE, ClipScorer, LLMScorer, decomposition_filename,
                     load_decomposition, read_decisions, score_singular_vectors)
 from ..vit import check_layers
-from .common import load_model
+from .common import check_weights, load_model, record_step
 from .sith import _common, _model_dir, _resolve_dictionary
 
 DECISION_RECIPES = ("suppress", "sign-flip")
@@ -159,6 +159,12 @@ def _clip_scorer(args):
 
 
 def cmd_score(args) -> int:
+    from .common import public_url
+    from .sith_records import adopt_for_edit
+
+    record = adopt_for_edit(args, _model_dir)  # the model and decomposition settings of the folder's record
+    if args.dictionary is None:
+        raise ValueError("--dictionary is needed: the output folder has no `sith decompose` record to take it from")
     shape = config_shape(args.model_name)
     d = _resolve_dictionary(args.dictionary)
     mdir = _model_dir(args)
@@ -166,19 +172,32 @@ def cmd_score(args) -> int:
     names = {layer: decomposition_name(args, layer, d.name) for layer in layers}
     for name in names.values():
         _decomposition(mdir, name)  # all inputs there before the model loads or the LLM is asked
+    model = None
     if args.scorer == "clip":
         scorer, model = _clip_scorer(args)
+        check_weights(record, model, mdir)
         layers = check_layers(model, args.layers)
         names = {layer: decomposition_name(args, layer, d.name) for layer in layers}
     else:
         scorer = llm_scorer(args)
+    written = {}
     for layer, name in names.items():
         dfile = decisions_file(args, name, mdir)
         if args.force and dfile.exists():
             dfile.unlink()
         dec = score_layer(args, name, mdir, dfile, scorer, d.texts)
+        written[name] = str(dfile.resolve().relative_to(mdir.resolve())) if dfile.resolve().is_relative_to(
+            mdir.resolve()) else str(dfile.resolve())
         counts = ", ".join(f"{v}: {int((dec == v).sum())}" for v in range(1, 6))
         print(f"layer {layer}: {dec.numel()} singular vectors scored by {args.scorer} ({counts}) -> {dfile}")
+    scorer_info = ({"scorer": "clip", "targets": args.target, "contrast": args.contrast,
+                    "vocabulary": args.vocabulary} if args.scorer == "clip" else
+                   {"scorer": "openai", "llm_model": args.llm_model, "base_url": public_url(args.base_url)})
+    if record is not None:
+        record_step(mdir, f"sith score {args.recipe}", args, model,
+                    settings={"recipe": args.recipe, "dictionary": d.name, "method": args.method,
+                              "sparsity": args.sparsity, "fold_ln": bool(args.fold_ln), **scorer_info},
+                    extra={"decisions": written})
     return 0
 
 
@@ -189,11 +208,12 @@ def add_score(sub) -> None:
     q.add_argument("--layers", type=int, nargs="+", required=True)
     q.add_argument("--recipe", choices=DECISION_RECIPES, required=True,
                    help="suppress: how much each singular vector is about places / scenery; sign-flip: how unsafe")
-    q.add_argument("--dictionary", required=True, help="dictionary of the decompositions ('demo', 'bpe', file)")
-    q.add_argument("--method", default="comp-0.3")
-    q.add_argument("--sparsity", type=int, default=5)
-    q.add_argument("--fold-ln", action=argparse.BooleanOptionalAction, default=False,
-                   help="the decompositions were made with --fold-ln")
+    q.add_argument("--dictionary", default=None, help="dictionary of the decompositions ('demo', 'bpe', file; "
+                                                      "default: the folder's latest `sith decompose`)")
+    q.add_argument("--method", default=None, help="default: the folder's latest `sith decompose`, else comp-0.3")
+    q.add_argument("--sparsity", type=int, default=None, help="default: as --method, else 5")
+    q.add_argument("--fold-ln", action=argparse.BooleanOptionalAction, default=None,
+                   help="the decompositions were made with --fold-ln (default: as --method, else no)")
     q.add_argument("--decisions", default=None,
                    help="folder for the decisions files <decomposition stem>.txt (default <model dir>/<recipe>-decisions)")
     q.add_argument("--scorer", choices=("openai", "clip"), default="openai",
