@@ -7,6 +7,7 @@ at <model dir>/<recipe>-decisions/<decomposition stem>.txt (or --decisions DIR/<
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -186,8 +187,7 @@ def cmd_score(args) -> int:
         if args.force and dfile.exists():
             dfile.unlink()
         dec = score_layer(args, name, mdir, dfile, scorer, d.texts)
-        written[name] = str(dfile.resolve().relative_to(mdir.resolve())) if dfile.resolve().is_relative_to(
-            mdir.resolve()) else str(dfile.resolve())
+        written[name] = os.path.relpath(dfile.resolve(), mdir.resolve())
         counts = ", ".join(f"{v}: {int((dec == v).sum())}" for v in range(1, 6))
         print(f"layer {layer}: {dec.numel()} singular vectors scored by {args.scorer} ({counts}) -> {dfile}")
     scorer_info = ({"scorer": "clip", "targets": args.target, "contrast": args.contrast,
