@@ -24,6 +24,9 @@ def test_demo_writes_report(tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert data["vit"]["layers"] == 4 and set(data["nearest_concepts"]) == {"astronaut", "coffee", "chelsea", "rocket"}
     assert (out / "nearest_concepts.png").stat().st_size > 10_000
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"]["name"] == "fastinterp-tiny-ViT" and record["model"]["seed"] == 0
+    assert len(record["model"]["weights_sha256"]) == 64 and list(record["steps"]) == ["demo"]
 
 
 def test_cli_error_exit_code(tmp_path, capsys):

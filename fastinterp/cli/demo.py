@@ -12,6 +12,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from ..concepts import ConceptDictionary
 from ..images import demo_images
 from ..models import TINY_MODEL, load_clip
 from ..vit import ViTInfo, vit_info
-from .common import add_model_args
+from ..io import atomic_write_text
+from .common import add_model_args, record_step
 
 SECTIONS: tuple[str, ...] = (
     # "module:function" entries, each `fn(ctx: DemoContext) -> str` (a Markdown section);
@@ -118,8 +120,8 @@ def run_demo(output: str | Path = "fastinterp-out", *, model_name: str = TINY_MO
     lines += ["", f"_Finished in {elapsed:.1f} s on {platform.machine()} ({platform.python_version()})._", ""]
 
     report = output / "report.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
-    (output / "report.json").write_text(json.dumps({
+    atomic_write_text(report, "\n".join(lines))
+    atomic_write_text(output / "report.json", json.dumps({
         "model": model_name,
         "weights": model.fastinterp_weights,
         "vit": info.as_dict(),
@@ -127,7 +129,13 @@ def run_demo(output: str | Path = "fastinterp-out", *, model_name: str = TINY_MO
         "nearest_concepts": nearest,
         "sections": ctx.results,
         "seconds": round(elapsed, 2),
-    }, indent=2), encoding="utf-8")
+    }, indent=2))
+    # the demo always starts its folder afresh (another model or seed is fine): a new record
+    (output / "run.json").unlink(missing_ok=True)
+    record_step(output, "demo", SimpleNamespace(model_name=model_name, pretrained=pretrained, checkpoint=checkpoint,
+                                                seed=seed), model,
+                settings={"dictionary": dictionary.name, "device": str(device)},
+                inputs={"images": sorted(ctx.images)})
     return report
 
 
