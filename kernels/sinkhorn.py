@@ -60,6 +60,7 @@ from .sinkhorn_checks import (  # noqa: F401  (status codes and METHODS: public 
     _as_array,
     _check_marginal,
     _check_scalars,
+    check_cost_shape,
     _float_dtype,
     _method_code,
     _raise_bad_cost,
@@ -82,13 +83,7 @@ def _single_problem(a, b, M, reg, code: int, method):
     M_np, M_torch = _as_array(M, "M")
     a_np, _ = _as_array(a, "a")
     b_np, _ = _as_array(b, "b")
-    if M_np.ndim != 2:
-        raise ValueError(f"M must be a 2-D cost matrix (n, m), got shape {M_np.shape}")
-    if M_np.dtype.kind not in "iuf":
-        raise TypeError(f"M must be numeric, got dtype {M_np.dtype}")
-    n, m = M_np.shape
-    if n == 0 or m == 0:
-        raise ValueError(f"M has shape {M_np.shape}: need at least one row and one column")
+    n, m = check_cost_shape(M_np)
     out_dtype = _float_dtype(M_np, a_np, b_np)
     given = a_np.size > 0 or b_np.size > 0
     a_np = np.full(n, 1.0 / n) if a_np.size == 0 else a_np

@@ -31,6 +31,18 @@ def _as_array(x, name: str) -> tuple[np.ndarray, bool]:
     return arr, False
 
 
+def check_cost_shape(M_np: np.ndarray) -> tuple[int, int]:
+    """A cost matrix must be a numeric, non-empty (n, m) array; returns (n, m)."""
+    if M_np.ndim != 2:
+        raise ValueError(f"M must be a 2-D cost matrix (n, m), got shape {M_np.shape}")
+    if M_np.dtype.kind not in "iuf":
+        raise TypeError(f"M must be numeric, got dtype {M_np.dtype}")
+    n, m = M_np.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"M has shape {M_np.shape}: need at least one row and one column")
+    return n, m
+
+
 def _float_dtype(*arrays) -> np.dtype:
     kinds = [x.dtype for x in arrays if x is not None and x.size and x.dtype.kind == "f"]
     return np.result_type(*kinds) if kinds else np.dtype(np.float64)

@@ -20,6 +20,8 @@ import numbers
 import numpy as np
 import torch
 
+from .sinkhorn_checks import check_cost_shape
+
 POT_ONLY_METHODS = ("greenkhorn", "sinkhorn_stabilized", "sinkhorn_epsilon_scaling")
 _EXP_LIMIT = 700.0  # exp(700) ~ 1e304: beyond it exp(-M / reg) overflows float64
 
@@ -56,13 +58,7 @@ def _check_weights(x: np.ndarray, name: str, size: int, allow_columns: bool) -> 
 def check_call(a, b, M, reg) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Numpy views of (a, b, M) and reg as a float, after the checks every call gets."""
     M_np = _numpy_view(M, "M")
-    if M_np.ndim != 2:
-        raise ValueError(f"M must be a 2-D cost matrix (n, m), got shape {M_np.shape}")
-    if M_np.dtype.kind not in "iuf":
-        raise TypeError(f"M must be numeric, got dtype {M_np.dtype}")
-    n, m = M_np.shape
-    if n == 0 or m == 0:
-        raise ValueError(f"M has shape {M_np.shape}: need at least one row and one column")
+    n, m = check_cost_shape(M_np)
     if not np.isfinite(M_np).all():
         raise ValueError("M contains NaN or infinity")
     a_np, b_np = _numpy_view(a, "a"), _numpy_view(b, "b")
