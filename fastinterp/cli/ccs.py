@@ -26,7 +26,7 @@ from ..pruning import HeadSet, build_head_sets, read_ccs_table, run_pruning
 from ..pruning import write_results as write_pruning_results
 from ..vit import check_layers, parse_head
 from .common import (add_model_args, adopt_record_model, check_weights, differences, folder_fingerprint,
-                     input_fingerprint, load_model, public_url, record_step, refuse_mismatch)
+                     input_fingerprint, load_model, load_recorded_model, public_url, record_step)
 
 
 def _key(layer: int, head: int) -> str:
@@ -166,11 +166,7 @@ def cmd_textspan(args) -> int:
     texts = read_text_bank(args.texts) if args.texts else builtin_text_bank()
     inputs, settings = _textspan_plan(args, listing, texts)
     out = Path(args.output)
-    record = read_run_record(out)
-    adopt_record_model(args, record, out)
-    refuse_mismatch(record, "ccs textspan", inputs, settings, out)
-    model, preprocess, tokenizer = load_model(args)
-    check_weights(record, model, out)
+    record, model, preprocess, tokenizer = load_recorded_model(args, out, "ccs textspan", inputs, settings)
     n_layers = vit_info(model).layers
     if settings["layers"]:
         layers = settings["layers"]

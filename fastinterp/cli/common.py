@@ -118,6 +118,21 @@ def check_weights(record: dict | None, model, where) -> None:
                          f"another open_clip version?). Use another output folder")
 
 
+def load_recorded_model(args, folder, step: str | None = None, inputs: dict | None = None,
+                        settings: dict | None = None):
+    """(record, model, preprocess, tokenizer) for a command writing into `folder`: model flags
+    left out come from the folder's record, contradicting ones are refused, a rerun of
+    `step` with other inputs or settings is refused (all before the model loads), and the
+    loaded weights must hash to the recorded ones."""
+    record = read_run_record(folder)
+    adopt_record_model(args, record, folder)
+    if step is not None:
+        refuse_mismatch(record, step, inputs or {}, settings or {}, folder)
+    model, preprocess, tokenizer = load_model(args)
+    check_weights(record, model, folder)
+    return record, model, preprocess, tokenizer
+
+
 def differences(old, new, prefix: str = "") -> list[str]:
     """Human-readable differences between a recorded dict and the current one."""
     if isinstance(old, dict) and isinstance(new, dict):

@@ -10,9 +10,8 @@ from ..kernels.mi import curve_auc, dataset_curve
 from ..mutual import (demo_descriptor_path, demo_descriptors, explain, plot_concept_sets, plot_mi_curves,
                       plot_parts, run_dataset)
 from ..vision import PART_METHODS
-from ..io import read_run_record, text_fingerprint
-from .common import (add_model_args, adopt_record_model, check_weights, folder_fingerprint, load_model, record_step,
-                     refuse_mismatch)
+from ..io import text_fingerprint
+from .common import add_model_args, folder_fingerprint, load_recorded_model, record_step
 
 DEMO_CLASSES = {"astronaut": "astronaut", "coffee": "cup of coffee", "chelsea": "cat", "rocket": "rocket"}
 """Class names of the bundled demo photos (photo name -> zero-shot class)."""
@@ -41,11 +40,7 @@ def _explain_plan(args) -> tuple[dict, dict]:
 def cmd_explain(args) -> int:
     inputs, settings = _explain_plan(args)
     out = Path(args.output)
-    record = read_run_record(out)
-    adopt_record_model(args, record, out)
-    refuse_mismatch(record, "mutual explain", inputs, settings, out)
-    model, preprocess, tokenizer = load_model(args)
-    check_weights(record, model, out)
+    record, model, preprocess, tokenizer = load_recorded_model(args, out, "mutual explain", inputs, settings)
     record_step(out, "mutual explain", args, model, inputs=inputs, settings=settings)
     descriptors = args.descriptors or demo_descriptor_path()
     summary = run_dataset(args.folder, model, preprocess, tokenizer, descriptors, output=args.output,
