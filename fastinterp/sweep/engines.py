@@ -17,6 +17,14 @@ from .tasks import execute
 __all__ = ["SerialEngine", "RayEngine", "schedule", "make_engine"]
 
 
+def _numba_threads() -> int | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.get_num_threads()
+
+
 class SerialEngine:
     """Runs each task in this process when waited on; exceptions are retried `retries` times."""
 
@@ -36,6 +44,7 @@ class SerialEngine:
 
         task = self.queue.pop(0)
         threads = torch.get_num_threads()
+        numba_threads = _numba_threads()
         err = None
         try:
             for attempt in range(self.retries + 1):
@@ -45,6 +54,10 @@ class SerialEngine:
                     err = e
         finally:
             torch.set_num_threads(threads)
+            if numba_threads:
+                import numba
+
+                numba.set_num_threads(numba_threads)
         return [(task["id"], {"ok": False, "attempts": self.retries + 1, "error": f"{type(err).__name__}: {err}",
                               "traceback": "".join(traceback.format_exception(err))})]
 

@@ -151,13 +151,17 @@ def ccs_score(ctx) -> dict:
 
 
 def ccs_prune(ctx) -> dict:
-    from ..pruning import build_head_sets, run_pruning
+    from ..pruning import HeadSet, build_head_sets, run_pruning
 
     model, preprocess, tokenizer = ctx.model()
     table = [{"layer": r["layer"], "head": r["head"], "ccs": float(r["ccs"]), "label": r["label"]}
              for r in ctx.load_json("previous", "ccs.json")["heads"]]
     skipped: list = []
-    sets = build_head_sets(table, seeds=tuple(range(ctx.settings["seeds"])), skipped=skipped)
+    if any(r["ccs"] >= 5 or r["ccs"] <= 1 for r in table):
+        sets = build_head_sets(table, seeds=tuple(range(ctx.settings["seeds"])), skipped=skipped)
+    else:  # no high and no low heads: only the unpruned accuracy to report
+        sets = [HeadSet(name="original", kind="original", seed=None, heads=[])]
+        skipped.append({"set": "high, low, random", "reason": "no head has CCS 5 or CCS <= 1"})
     rows = run_pruning(model, preprocess, tokenizer, ctx.payload["folder"], sets, mode=ctx.settings["mode"],
                        progress=False, skipped=skipped)
     ctx.write_json("prune.json", {"rows": rows, "skipped": skipped})

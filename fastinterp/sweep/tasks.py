@@ -191,13 +191,24 @@ def _start(folder: Path, key: str) -> None:
     (folder / "run.json").unlink(missing_ok=True)
 
 
+def _set_threads(n: int) -> None:
+    """torch's and Numba's thread pools to the task's CPUs (workers side by side must not
+    oversubscribe the node)."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def execute(task: dict, root, run: dict) -> dict:
     """Run one task (a `Task.describe()` dict plus "payload" and "dep_folders"); returns
     {"id", "result", "seconds", "pid"}. `run`: seed, threads, device, dictionaries."""
     from .kinds import KINDS
 
     t0 = time.perf_counter()
-    torch.set_num_threads(run["threads"])
+    _set_threads(run["threads"])
     ctx = Context(task, root, run)
     _start(ctx.folder, task["key"])
     _fault(task, ctx.folder, run.get("fault"))
