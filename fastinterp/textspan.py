@@ -11,7 +11,11 @@ of the final LayerNorm with the real per-image mean and std (SPEC 2.1):
 so that `sum_k r_k == z / ||z||`. Only the CLS query row of each attention map is
 used: each head's attention output for the CLS query (B, H, hd), taken from the one
 attention pass the forward needs anyway, goes through that head's slice of W_o. Nothing
-of size (B, N, N, H, D), as the reference hook builds, is formed.
+of size (B, N, N, H, D), as the reference hook builds, is formed. Towers that read more than
+the class token (CLIPA's average pool, CoCa's attentional pooler, timm towers) go through
+`vit.direct_terms` / `vit.linear_readout`: each term summed over the tokens with the
+readout's own weights (the pooler's attention, 1/std of a norm per token), then the readout
+linearised at the image's statistics; the same sum holds.
 
 TextSpan (`textspan`): for every head at once, the greedy choice of the text whose
 projection has the largest spread over the images, inside the rank-r principal subspace
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import CorruptFileError, atomic_write_json, load_checked, save_checked
-from .vit import check_blocks, check_heads, check_layers, head_outputs, vision_transformer, vit_info
+from .vit import check_blocks, check_heads, check_layers, direct_terms, head_outputs, vit_view
 
 __all__ = [
     "Contributions",
@@ -54,17 +58,18 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------
 # model checks
 # --------------------------------------------------------------------------------------
-def _check_decomposable(visual) -> None:
-    if getattr(visual, "attn_pool", None) is not None:
-        raise TypeError("this ViT pools with an attentional pooler; the direct-contribution decomposition "
-                        "needs CLS-token pooling (pool_type='tok'), as in the standard CLIP ViTs")
-    if getattr(visual, "pool_type", "tok") != "tok":
-        raise TypeError(f"this ViT pools with pool_type={visual.pool_type!r}; the decomposition needs "
-                        f"CLS-token pooling (pool_type='tok')")
-    if not isinstance(visual.ln_post, torch.nn.LayerNorm) or visual.ln_post.weight is None:
-        raise TypeError(f"the ViT's final norm is {type(visual.ln_post).__name__}; the decomposition "
-                        f"linearises an affine nn.LayerNorm")
-    check_blocks(visual, "the direct-contribution decomposition")
+def _decomposable_view(model):
+    """The tower's `vit.ViTView`: open_clip ViTs with class-token / average pooling or CoCa's
+    attentional pooler, timm towers with class-token / average pooling and a linear head
+    (`vit.linear_readout`); MAP heads and anything `vit_view` does not read are refused."""
+    view = vit_view(model).require("the direct-contribution decomposition", poolings=("tok", "avg", "attn_pool"))
+    if view.family == "open_clip ViT":
+        ln = view.visual.ln_post
+        if not isinstance(ln, torch.nn.LayerNorm) or (view.pooling == "tok" and ln.weight is None):
+            raise TypeError(f"the ViT's final norm is {type(ln).__name__}; the decomposition needs "
+                            f"an nn.LayerNorm (linearised at each image's own mean and std)")
+        check_blocks(view.visual, "the direct-contribution decomposition")
+    return view
 
 
 # --------------------------------------------------------------------------------------
@@ -113,6 +118,30 @@ def _decompose_batch(visual, pixels, layer_set):
     B, _, D = x.shape
     heads = torch.stack(heads, 1) if heads else x.new_zeros(B, 0, visual.transformer.resblocks[0].attn.num_heads, D)
     return heads, torch.stack(mlps, 1), other, x[:, 0]
+
+
+@torch.no_grad()
+def _contributions_batch(view, pixels, layer_set, n_layers):
+    """(heads, mlps, other, embedding) of one batch, each divided by ||z||: the class-token
+    path below for open_clip 'tok' towers; any other readout through `vit.direct_terms`
+    (every term summed over the tokens the readout reads, with its own weights, then the
+    readout's linearisation at the batch's statistics), with the same shares of the
+    constants (1/(2L+1) per MLP / the embedding, 1/((2L+1)H) per head)."""
+    if view.family == "open_clip ViT" and view.pooling == "tok":
+        return _linearise(view.visual, *_decompose_batch(view.visual, pixels, layer_set), n_layers)
+    return _linearise_direct(*direct_terms(view, pixels, layer_set), n_layers)
+
+
+def _linearise_direct(heads, mlps, other, readout, n_layers):
+    """`vit.direct_terms`' token-summed terms through their `vit.LinearReadout`, / ||z||."""
+    B, _, n_sel, H, _ = heads.shape
+    w_mlp, w_head = 1.0 / (2 * n_layers + 1), 1.0 / ((2 * n_layers + 1) * H)
+    z = readout.embedding
+    norm = z.norm(dim=-1)
+    out_heads = readout.terms(heads.flatten(2, 3), w_head).view(B, n_sel, H, -1) / norm.view(-1, 1, 1, 1)
+    out_mlps = readout.terms(mlps, w_mlp) / norm.view(-1, 1, 1)
+    out_other = readout.terms(other[:, :, None], w_head * (n_layers - n_sel) * H)[:, 0] / norm[:, None]
+    return out_heads, out_mlps, out_other, z / norm[:, None]
 
 
 @torch.no_grad()
@@ -198,7 +227,7 @@ def _meta_for(model, layers, batch_size, n_layers, *, hash_weights: bool) -> dic
             "weights": str(getattr(model, "fastinterp_weights", "unknown")),
             "layers": list(layers), "n_layers": n_layers, "batch_size": batch_size}
     if hash_weights:  # only for resumable outputs: random weights differ per seed
-        meta["weights_sha256"] = weights_hash(vision_transformer(model))[:16]
+        meta["weights_sha256"] = weights_hash(getattr(model, "visual", model))[:16]
     return meta
 
 
@@ -337,7 +366,10 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
     """Per-head direct contributions to the normalised image embedding, batch by batch.
 
     Args:
-        model: an open_clip CLIP model (or its ViT) with CLS pooling and a LayerNorm ln_post.
+        model: a CLIP model (or its image tower) whose readout is linear given the image's
+            statistics: open_clip ViTs with class-token or average pooling (CLIPA) or CoCa's
+            attentional pooler, timm towers with class-token / average pooling and a linear
+            head (README "Model support"); a MAP head (SigLIP) is refused.
         images: (n, 3, H, W) preprocessed pixels; a list of PIL images or paths (with
             `preprocess`); or an iterable / DataLoader of (B, 3, H, W) tensors or (tensor, ...)
             tuples.
@@ -350,15 +382,14 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
         `Contributions` with heads (n, L_sel, H, d), mlps (n, L+1, d), other (n, d),
         embedding (n, d), all fp32 on CPU. Memory per batch is O(B N D) (no N x N tensor).
     """
-    visual = vision_transformer(model)
-    _check_decomposable(visual)
-    info = vit_info(model)
+    view = _decomposable_view(model)
+    info = view.info
     layers = list(range(info.layers)) if layers is None else check_layers(model, list(layers))
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers {layers} lists a layer twice")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    dev = visual.conv1.weight.device if device is None else torch.device(device)
+    dev = view.device if device is None else torch.device(device)
     meta = _meta_for(model, layers, batch_size, info.layers, hash_weights=output is not None)
     meta.update(_input_fingerprint(images))
     folder = None if output is None else _open_output(Path(output), meta)
@@ -380,8 +411,7 @@ def head_contributions(model, images, layers: Sequence[int] | None = None, *, pr
                 data = {"heads": torch.zeros(0, len(layers), info.heads, d), "mlps": torch.zeros(0, info.layers + 1, d),
                         "other": torch.zeros(0, d), "embedding": torch.zeros(0, d)}
             else:
-                raw = _decompose_batch(visual, pixels.to(dev), layer_set)
-                h, m, o, e = _linearise(visual, *raw, info.layers)
+                h, m, o, e = _contributions_batch(view, pixels.to(dev), layer_set, info.layers)
                 data = {"heads": h.cpu(), "mlps": m.cpu(), "other": o.cpu(), "embedding": e.cpu()}
             if folder is not None:
                 save_checked(data, _batch_path(folder, i))

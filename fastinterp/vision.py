@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import vision_transformer, vit_info
+from .vit import vit_view
 
 FACETS = ("tokens", "keys")
 PART_METHODS = ("pca", "kmeans")
@@ -128,17 +129,21 @@ def patch_features(model, pixels: torch.Tensor, *, facet: str = "tokens",
     """Patch features and image embeddings in one forward pass per batch.
 
     Args:
-        model: open_clip CLIP model with a ViT image tower (clear TypeError otherwise).
+        model: CLIP model with a ViT image tower: an open_clip ViT, or a timm
+            VisionTransformer tower `vit.vit_view` reads (clear TypeError otherwise).
         pixels: (B, 3, S, S) preprocessed images.
-        facet: "tokens" (last-block residual stream before ln_post) or "keys" (last block's
-            keys, ``ln_1(x) @ W_k^T``, no bias).
+        facet: "tokens" (last-block residual stream before ln_post / timm's norm) or "keys"
+            (last block's keys, ``ln_1(x) @ W_k^T``, no bias).
     Returns:
-        features (B, N, D) fp32 on CPU (CLS dropped), image embeddings (B, d) fp32 on CPU
-        (unnormalised ``encode_image`` output).
+        features (B, N, D) fp32 on CPU (class / register tokens dropped), image embeddings
+        (B, d) fp32 on CPU (unnormalised ``encode_image`` output).
     """
     if facet not in FACETS:
         raise ValueError(f"facet={facet!r}; choose one of {FACETS}")
-    visual = vision_transformer(model)
+    try:
+        visual = vision_transformer(model)
+    except TypeError:  # a timm tower; vit_view refuses (saying why) any tower it cannot read
+        return _timm_patch_features(model, vit_view(model), pixels, facet, batch_size)
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", True)
     device = next(model.parameters()).device
@@ -170,6 +175,32 @@ def patch_features(model, pixels: torch.Tensor, *, facet: str = "tokens",
             if len(captured) != 1:
                 raise RuntimeError(f"expected one captured activation per forward, got {len(captured)}")
             feats.append(captured[0][:, 1:].float().cpu())
+            embs.append(emb.float().cpu())
+    finally:
+        handle.remove()
+    return torch.cat(feats), torch.cat(embs)
+
+
+def _timm_patch_features(model, view, pixels, facet, batch_size):
+    """`patch_features` of a timm tower: its last block's output (tokens) or its norm1
+    output through the fused qkv's key rows (keys), captured in encode_image's own forward."""
+    last = view.visual.trunk.blocks[-1]
+    width = view.blocks[-1].heads * view.blocks[-1].head_dim
+    w_k = view.blocks[-1].qkv_weight[width:2 * width]
+    captured: list[torch.Tensor] = []
+    if facet == "tokens":
+        handle = last.register_forward_hook(lambda m, args, out: captured.append(out.detach()))
+    else:
+        handle = last.norm1.register_forward_hook(lambda m, args, out: captured.append((out @ w_k.T).detach()))
+    feats, embs = [], []
+    try:
+        for start in range(0, pixels.shape[0], batch_size):
+            captured.clear()
+            emb = model.encode_image(pixels[start:start + batch_size].to(device=view.device, dtype=view.dtype),
+                                     normalize=False)
+            if len(captured) != 1:
+                raise RuntimeError(f"expected one captured activation per forward, got {len(captured)}")
+            feats.append(captured[0][:, view.prefix_tokens:].float().cpu())
             embs.append(emb.float().cpu())
     finally:
         handle.remove()

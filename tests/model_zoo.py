@@ -30,7 +30,8 @@ METHODS = {
                       "zeroing its output columns)",
     "mean_ablation": "mean ablation (head_output_means; all-ones mask == encode_image)",
     "textspan": "head_contributions / TextSpan (terms sum to the embedding)",
-    "sith_vo": "SITH VO matrices (one-token attention == sum of VO maps + bias, LayerScale folded)",
+    "sith_vo": "SITH VO matrices (one-token attention == sum of VO maps + bias, LayerScale folded; each map == "
+               "the explicit per-head W_v^T W_o^T)",
     "sith_project": "SITH projection (final residual's class token / mean -> the embedding)",
     "mutual": "mutual-knowledge patch features (tokens / keys == the tower's own)",
 }
@@ -185,13 +186,32 @@ def _check_sith_vo(model):
     from fastinterp.sith import vo_matrices
     from fastinterp.vit import vit_view
 
-    block = model.visual.transformer.resblocks[-1] if hasattr(model.visual, "transformer") else None
     w, bias = vo_matrices(model, -1, fold_ln=False, return_bias=True)
     torch.manual_seed(2)
     y = torch.randn(1, 1, w.shape[1])
-    out = block.ls_1(block.attn(y, y, y, need_weights=False)[0]) if block is not None else None
-    vit_view(model)
-    return _close(torch.einsum("d,hde->e", y[0, 0], w) + bias, out[0, 0])
+    if vit_view(model).family == "open_clip ViT":  # the module itself on one token (attention weight 1)
+        block = model.visual.transformer.resblocks[-1]
+        out = block.ls_1(block.attn(y, y, y, need_weights=False)[0])
+    else:
+        block = model.visual.trunk.blocks[-1]
+        out = block.ls1(block.attn(y))
+    err = _close(torch.einsum("d,hde->e", y[0, 0], w) + bias, out[0, 0])
+    return max(err, _check_vo_product(model, w))
+
+
+def _check_vo_product(model, w):
+    """Each VO matrix == the explicit W_v[h]^T W_o[:, h]^T of the module's weights (LayerScale folded)."""
+    from fastinterp.vit import vit_view
+
+    b = vit_view(model).blocks[-1]
+    H, hd = b.heads, b.head_dim
+    gamma = b.layer_scale if b.layer_scale is not None else torch.ones(b.out_weight.shape[0])
+    err = 0.0
+    for h in range(H):
+        w_v = b.qkv_weight[2 * H * hd + h * hd:2 * H * hd + (h + 1) * hd]  # (hd, D)
+        w_o = gamma[:, None] * b.out_weight[:, h * hd:(h + 1) * hd]  # (D, hd)
+        err = max(err, _close(w[h], w_v.T @ w_o.T))
+    return err
 
 
 def _check_sith_project(model):

@@ -12,7 +12,8 @@ import torch
 import model_zoo
 
 QUICK = ["ViT-B-32", "coca_ViT-B-32", "ViT-M-16-alt", "ViT-L-14-CLIPA", "RN50", "ViT-B-16-SigLIP",
-         "vit_medium_patch16_gap_256", "vit_relpos_medium_patch16_cls_224", "EVA02-B-16", "convnext_tiny"]
+         "vit_medium_patch16_gap_256", "MobileCLIP2-L-14", "vit_relpos_medium_patch16_cls_224", "EVA02-B-16",
+         "convnext_tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +21,20 @@ def quick_results():
     return {n: model_zoo.check_model(n) for n in QUICK}
 
 
-def test_standard_and_layerscale_vits_support_every_method(quick_results):
-    for name in ("ViT-B-32", "ViT-M-16-alt"):
+def test_standard_layerscale_clipa_and_timm_token_vits_support_every_method(quick_results):
+    for name in ("ViT-B-32", "ViT-M-16-alt", "ViT-L-14-CLIPA", "MobileCLIP2-L-14"):
         assert set(quick_results[name].values()) == {"exact"}, (name, quick_results[name])
 
 
-def test_pooler_towers_mask_exactly_and_refuse_the_rest(quick_results):
-    for name in ("coca_ViT-B-32", "ViT-B-16-SigLIP", "vit_medium_patch16_gap_256", "ViT-L-14-CLIPA"):
+def test_pooler_towers_are_exact_where_linear_and_refuse_the_rest(quick_results):
+    for name in ("coca_ViT-B-32", "ViT-B-16-SigLIP", "vit_medium_patch16_gap_256"):
         r = quick_results[name]
-        assert r["masked_forward"] == r["mean_ablation"] == "exact", (name, r)
-    assert quick_results["coca_ViT-B-32"]["textspan"].startswith("refused")
-    assert "attn_pool" in quick_results["coca_ViT-B-32"]["sith_project"]
-    assert quick_results["ViT-L-14-CLIPA"]["sith_project"] == "exact"  # ln_post after the mean: linear
+        assert r["masked_forward"] == r["mean_ablation"] == r["sith_vo"] == r["mutual"] == "exact", (name, r)
+    coca, siglip, gap = (quick_results[n] for n in ("coca_ViT-B-32", "ViT-B-16-SigLIP", "vit_medium_patch16_gap_256"))
+    assert coca["textspan"] == gap["textspan"] == "exact"  # linear given the pooler's weights / each token's std
+    assert "attn_pool" in coca["sith_project"]
+    assert "MAP head" in siglip["textspan"] and "'map'" in siglip["sith_project"]
+    assert "normalises every token" in gap["sith_project"]
 
 
 def test_unreadable_towers_are_refused_by_every_method(quick_results):

@@ -91,7 +91,7 @@ def apply_multipliers(model, layer: int, multipliers, *, fold_ln: bool = True, c
     if center and not fold_ln:
         raise ValueError("editing with center=True and fold_ln=False is not function-preserving (centering "
                          "is exact only on the LayerNorm-normalised input); use fold_ln=True or center=False")
-    _, block, layer = _block(model, layer)
+    _, block, layer = _block(model, layer, open_clip_only=True)  # writes the packed in_proj weights
     attn = block.attn
     H, hd = attn.num_heads, attn.head_dim
     m = _multiplier_tensor(multipliers, H, hd)

@@ -39,7 +39,7 @@ def fidelity(model, layer: int, scores: torch.Tensor, indices: torch.Tensor, dic
     from ..sparse import decode
 
     _check_sv_type(sv_type)
-    visual, block, layer = _block(model, layer)
+    visual, block, layer = _block(model, layer, open_clip_only=True)  # inverts open_clip's proj
     info = vit_info(model)
     vit_view(model).require("SITH's fidelity (the inverse of the joint-space projection)", linear_readout=True)
     if scores.ndim != 3 or scores.shape != indices.shape:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..concepts import center_embeddings
 from ..io import save_tensor_checked
-from ..vit import check_blocks, check_layers, vision_transformer, vit_info, vit_view
+from ..vit import as_block_view, check_blocks, check_layers, vision_transformer, vit_info, vit_view
 
 __all__ = ["SV_TYPES", "image_mean", "prepare_dictionary", "project", "singular_vectors", "vo_matrices", "vo_svd"]
 
@@ -42,10 +42,16 @@ def _resolve_center(fold_ln: bool, center: bool | None) -> bool:
     return bool(fold_ln) if center is None else bool(center)
 
 
-def _block(model, layer: int):
+def _block(model, layer: int, *, open_clip_only: bool = False):
     """(visual, block, layer >= 0) for a supported block: an open_clip ViT block
-    (`vit.check_blocks`); a LayerScale on the attention output is folded into the output side
-    (`_factors`). timm towers are refused (not yet read by SITH)."""
+    (`vit.check_blocks`) or, unless `open_clip_only` (weight edits, fidelity), the
+    `vit.BlockView` of a timm tower's block (fused qkv, proj; q/k-normed, gated or rotary
+    attention is refused by `vit_view`); a LayerScale on the attention output is folded into
+    the output side (`_factors`)."""
+    view = vit_view(model) if not open_clip_only else None
+    if view is not None and view.family != "open_clip ViT":
+        (layer,) = check_layers(model, [layer])
+        return view.visual, view.blocks[layer], layer
     visual = vision_transformer(model)
     (layer,) = check_layers(model, [layer])
     check_blocks(visual, "SITH's VO analysis")
@@ -78,17 +84,17 @@ class _Factors:
 
 
 def _factors(block, fold_ln: bool, center: bool) -> _Factors:
-    attn = block.attn
-    H, hd, D = attn.num_heads, attn.head_dim, attn.embed_dim
+    bv = as_block_view(block)  # an open_clip block or a timm block's view: the same fused q/k/v rows
+    H, hd, D = bv.heads, bv.head_dim, bv.out_weight.shape[0]
     f64 = torch.float64
-    w_in = attn.in_proj_weight.detach().to(f64)
-    b_in = attn.in_proj_bias.detach().to(f64) if attn.in_proj_bias is not None else torch.zeros(3 * D, dtype=f64,
-                                                                                              device=w_in.device)
-    raw_w_v, raw_b_v = w_in[2 * D:], b_in[2 * D:]
+    w_in = bv.qkv_weight.detach().to(f64)
+    b_in = bv.qkv_bias.detach().to(f64) if bv.qkv_bias is not None else torch.zeros(3 * H * hd, dtype=f64,
+                                                                                  device=w_in.device)
+    raw_w_v, raw_b_v = w_in[2 * H * hd:], b_in[2 * H * hd:]
     w_v, b_v = raw_w_v, raw_b_v
     beta = torch.zeros(D, dtype=f64, device=w_in.device)
     if fold_ln:
-        ln = block.ln_1
+        ln = bv.norm
         if not isinstance(ln, torch.nn.LayerNorm):
             raise TypeError(f"fold_ln needs block.ln_1 to be a LayerNorm, got {type(ln).__name__}")
         if ln.bias is not None:
@@ -98,10 +104,10 @@ def _factors(block, fold_ln: bool, center: bool) -> _Factors:
             w_v = w_v * ln.weight.detach().to(f64)
     if center:
         w_v = w_v - w_v.mean(dim=1, keepdim=True)
-    w_o = attn.out_proj.weight.detach().to(f64)
-    b_o = (attn.out_proj.bias.detach().to(f64) if attn.out_proj.bias is not None
+    w_o = bv.out_weight.detach().to(f64)
+    b_o = (bv.out_bias.detach().to(f64) if bv.out_bias is not None
            else torch.zeros(D, dtype=f64, device=w_in.device))
-    gamma = getattr(block.ls_1, "gamma", None)  # LayerScale: folded into the output side
+    gamma = bv.layer_scale  # LayerScale: folded into the output side
     if gamma is not None:
         w_o = gamma.detach().to(f64)[:, None] * w_o
         b_o = gamma.detach().to(f64) * b_o
@@ -142,7 +148,7 @@ def vo_matrices(model, layer: int, *, fold_ln: bool = True, center: bool | None 
     """
     _, block, _ = _block(model, layer)
     f = _factors(block, fold_ln, _resolve_center(fold_ln, center))
-    dtype = block.attn.in_proj_weight.dtype
+    dtype = as_block_view(block).qkv_weight.dtype
     w = (f.w_v.transpose(1, 2) @ f.w_o.transpose(1, 2)).to(dtype)  # (H, D_in, D_out)
     return (w, f.bias.to(dtype)) if return_bias else w
 
@@ -199,9 +205,10 @@ def vo_svd(model, layer: int, *, rank: int | None = None, fold_ln: bool = True, 
         U (H, D, r), S (H, r), Vh (H, r, D), float32, r = min(rank, hd) (default hd).
     """
     _, block, _ = _block(model, layer)
-    r = _check_rank(rank, block.attn.head_dim)
-    svd = _factored_svd(_factors(block, fold_ln, _resolve_center(fold_ln, center)))
-    dtype = block.attn.in_proj_weight.dtype
+    bv = as_block_view(block)
+    r = _check_rank(rank, bv.head_dim)
+    svd = _factored_svd(_factors(bv, fold_ln, _resolve_center(fold_ln, center)))
+    dtype = bv.qkv_weight.dtype
     return svd.u[..., :r].to(dtype), svd.s[..., :r].to(dtype), svd.vh[..., :r, :].to(dtype)
 
 
@@ -232,21 +239,18 @@ def _check_image_mean(image_mean, d: int):
 def project(model, vectors: torch.Tensor, *, image_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Residual-space vectors (..., D) -> unit joint-space vectors (..., d) (SPEC 1.3).
 
-    z = normalize(proj(ln_post(v))); with an image mean, z = normalize(z - image_mean).
+    z = normalize(proj(ln_post(v))) (timm towers: their norm, fc_norm and linear head,
+    `ViTView.read_pooled`); with an image mean, z = normalize(z - image_mean). Refused where
+    the readout after pooling is not a norm and a linear map (CoCa's pooler, SigLIP's MAP
+    head, a norm per token before an average pool, an MLP projection).
     """
-    visual = vision_transformer(model)
-    info = vit_info(model)
-    vit_view(model).require("SITH's projection to the joint space", families=("open_clip ViT",),
-                            linear_readout=True)
+    view = vit_view(model).require("SITH's projection to the joint space", linear_readout=True)
+    info = view.info
     if vectors.shape[-1] != info.width:
         raise ValueError(f"vectors have dimension {vectors.shape[-1]}, the ViT width is {info.width}")
     image_mean = _check_image_mean(image_mean, info.output_dim)
     with torch.no_grad():
-        z = visual.ln_post(vectors.to(visual.ln_post.weight.dtype if visual.ln_post.weight is not None
-                                      else vectors.dtype))
-        if visual.proj is not None:
-            z = z @ visual.proj
-        z = F.normalize(z.float(), dim=-1)
+        z = F.normalize(view.read_pooled(vectors).float(), dim=-1)
         if image_mean is not None:
             z = F.normalize(z - image_mean.to(z), dim=-1)
     return z
