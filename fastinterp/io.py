@@ -253,6 +253,10 @@ def files_fingerprint(paths, root: str | os.PathLike | None = None) -> dict:
     base = Path(root).resolve() if root is not None else Path(os.path.commonpath([p.parent for p in resolved]))
     h = hashlib.sha256()
     for p in resolved:
-        st = p.stat()
-        h.update(f"{p.relative_to(base).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = p.stat()
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except FileNotFoundError:  # a missing file is part of what the inputs are (readers skip it and say so)
+            stamp = "missing"
+        h.update(f"{p.relative_to(base).as_posix()}\0{stamp}\n".encode())
     return {"files": len(resolved), "sha256": h.hexdigest()}
