@@ -463,6 +463,7 @@ def fit_part_ellipse(mask: np.ndarray) -> Ellipse | None:
     if len(pts) < 5 or x0 == x1 or y0 == y1:
         corners = np.array([[x0 - 1, y0 - 1], [x1 + 1, y0 - 1], [x1 + 1, y1 + 1], [x0 - 1, y1 + 1]], np.int32)
         pts = np.concatenate([pts, corners])
+    cv2.setRNGSeed(0)  # fitEllipse jitters near-degenerate point sets with OpenCV's global RNG: same mask, same fit
     (cx, cy), (ew, eh), angle = cv2.fitEllipse(pts.reshape(-1, 1, 2))
     if not all(np.isfinite(v) for v in (cx, cy, ew, eh, angle)) or ew <= 0 or eh <= 0:
         (cx, cy), (ew, eh), angle = ((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0 + 2, y1 - y0 + 2), 0.0

@@ -333,3 +333,16 @@ def test_non_vit_model_and_bad_input_are_clear_errors(tiny_clip):
         V.extract_visual_concepts(model, preprocess, _generated_images()[:1], methods=("nmf",))
     with pytest.raises(TypeError, match="PIL"):
         V.extract_visual_concepts(model, preprocess, [np.zeros((8, 8, 3))])
+
+
+def test_part_ellipse_is_deterministic_on_near_degenerate_parts():
+    # OpenCV's fitEllipse jitters near-line point sets with its global RNG: the same mask
+    # must still give the same ellipse, call after call
+    from fastinterp.vision import fit_part_ellipse
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = np.zeros((40, 40), dtype=bool)
+        xs = rng.integers(0, 18, size=8)
+        mask[np.clip(xs * 2 + rng.integers(0, 2, size=8), 0, 39), xs] = True
+        assert fit_part_ellipse(mask) == fit_part_ellipse(mask)
