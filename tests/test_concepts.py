@@ -103,3 +103,16 @@ def test_center_embeddings():
     torch.testing.assert_close(g, expected)
     with pytest.raises(ValueError):
         center_embeddings(torch.randn(3))
+
+
+def test_cache_file_is_checksummed_and_keyed_by_precision(tiny_clip, tmp_path):
+    model, _, tok = tiny_clip
+    d = ConceptDictionary(["sun", "moon", "a very long description of a cloudy evening sky"])
+    fp32 = d.encode(model, tok, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("*.pt")
+    payload = torch.load(path, weights_only=True)
+    assert "sha256" in payload and payload["meta"]["precision"] == "fp32"
+    bf16 = d.encode(model, tok, cache_dir=tmp_path, progress=False, precision="bf16")
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.equal(bf16, fp32)
+    with pytest.raises(ValueError, match="precision"):
+        d.encode(model, tok, cache_dir=tmp_path, progress=False, precision="half")
