@@ -302,6 +302,9 @@ def signature(name: str):
 def walk(names=None) -> dict:
     import open_clip
 
+    from fastinterp.models import _register_configs
+
+    _register_configs()  # fastinterp's own configs are in the list whatever ran before (test order)
     names = list(names or open_clip.list_models())
     groups: dict = {}
     for n in names:
