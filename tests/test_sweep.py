@@ -123,22 +123,11 @@ def test_graph_shares_work_and_ids_are_stable(tmp_path):
 @pytest.fixture(scope="module")
 def serial_run(tmp_path_factory):
     """The small sweep with the serial engine; every text list encoded is counted."""
-    from fastinterp import concepts
+    from benchmarks.bench_sweep import _serial_counted
 
     base = tmp_path_factory.mktemp("serial")
     spec = load_spec(_write_spec(base, "out"))
-    counts = collections.Counter()
-    original = concepts.encode_texts
-
-    def counting(model, tokenizer, texts, **kw):
-        counts[(id(model), tuple(texts))] += 1
-        return original(model, tokenizer, texts, **kw)
-
-    concepts.encode_texts = counting
-    try:
-        summary = run_sweep(spec, engine="serial", progress=False)
-    finally:
-        concepts.encode_texts = original
+    summary, counts = _serial_counted(spec)
     return spec, summary, counts
 
 
