@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..concepts import center_embeddings
 from ..io import save_tensor_checked
-from ..vit import as_block_view, check_blocks, check_layers, vision_transformer, vit_info, vit_view
+from ..vit import as_block_view, check_blocks, check_layers, vision_transformer, vit_view
 
 __all__ = ["SV_TYPES", "image_mean", "prepare_dictionary", "project", "singular_vectors", "vo_matrices", "vo_svd"]
 
