@@ -331,23 +331,10 @@ def _write_atomic(path: str, text: str) -> None:
 # --------------------------------------------------------------------------------------
 # stage: the machine and its matmul rates
 # --------------------------------------------------------------------------------------
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name, module in (("torch", "torch"), ("triton", "triton"), ("numba", "numba"), ("numpy", "numpy"),
-                         ("scipy", "scipy"), ("scikit-learn", "sklearn"), ("open_clip", "open_clip"),
-                         ("POT", "ot"), ("fastinterp", "fastinterp")):
-        try:
-            mod = __import__(module)
-            out[name] = getattr(mod, "__version__", "installed")
-        except Exception:  # noqa: BLE001 - missing is recorded as missing
-            out[name] = None
-    return out
-
-
 def stage_machine(run: Run, st):
     import torch
 
-    from benchmarks.machine import cpu_cores, cpu_model, machine_id
+    from benchmarks.machine import _versions, cpu_cores, cpu_model, machine_id
 
     m = {"date": datetime.date.today().isoformat(), "machine_id": machine_id(), "cpu_model": cpu_model(),
          "cpu_cores": cpu_cores(), "platform": platform.platform(), "versions": _versions(),

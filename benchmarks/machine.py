@@ -76,7 +76,7 @@ def machine_id() -> str:
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for name, module in (("torch", "torch"), ("triton", "triton"), ("numba", "numba"), ("numpy", "numpy"),
-                         ("scikit-learn", "sklearn"), ("POT", "ot"), ("spams", "spams"),
+                         ("scipy", "scipy"), ("scikit-learn", "sklearn"), ("POT", "ot"), ("spams", "spams"),
                          ("open_clip", "open_clip"), ("fastinterp", "fastinterp")):
         try:
             mod = __import__(module)
