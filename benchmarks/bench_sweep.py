@@ -9,13 +9,15 @@ one-class shards), run three times on fresh output folders:
 
 * serial engine: the reference; every `encode_texts` call is counted (no dictionary may be
   encoded twice);
-* local Ray, 1 worker, and local Ray, 2 workers (1 torch thread per task).
+* local Ray with 1 worker, then with 2 (1 torch thread per task), alternating for `rounds`
+  rounds (5 in the full preset: this shared machine has slow spells that last seconds).
 
 Ray's overhead per task = (time in the scheduler - the sum of the tasks' own seconds,
 measured inside each task) / tasks, with 1 worker (tasks run one after another), as a
-fraction of the mean task; the local cluster's start-up (ray.init plus each worker importing
-torch / open_clip / the methods) is reported separately. Speed-up = scheduler time with 1
-worker / with 2. The results of the three runs are checked byte for byte first.
+fraction of the mean task; the local cluster's start-up (ray.init plus each worker's
+warm-up: importing torch / open_clip / the methods, loading the Numba kernels) is reported
+separately. Speed-up = the median scheduler time with 1 worker / the median with 2. Every
+run's results are checked byte for byte against the serial engine's.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import argparse
 import collections
 import json
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,8 +35,8 @@ from pathlib import Path
 from benchmarks.presets import preset
 
 SIZES = {
-    "quick": {"models": 2, "words": 3000, "classes": 2, "views": 3, "layers": [0, 1, 2, 3]},
-    "full": {"models": 4, "words": 12000, "classes": 4, "views": 4, "layers": [0, 1, 2, 3]},
+    "quick": {"models": 2, "words": 3000, "classes": 2, "views": 3, "layers": [0, 1, 2, 3], "rounds": 1},
+    "full": {"models": 4, "words": 12000, "classes": 4, "views": 4, "layers": [0, 1, 2, 3], "rounds": 5},
 }
 
 SPEC = """
@@ -113,7 +117,7 @@ def _task_seconds(root: Path) -> list[float]:
 def _same(a: Path, b: Path) -> bool:
     def files(r):
         return {p.relative_to(r): p.read_bytes() for p in r.rglob("*")
-                if p.is_file() and p.name not in ("timing.json", "timings.json")}
+                if p.is_file() and p.name not in ("timing.json", "timings.json", "image-digests.json")}
     return files(a) == files(b)
 
 
@@ -145,35 +149,42 @@ def measure(name: str | None = None) -> dict:
     name = name or preset(SIZES)
     s = SIZES[name]
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    runs: dict = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _inputs(folder, s)
         serial_spec = load_spec(_spec(folder, s, "serial"))
         serial, counts = _serial_counted(serial_spec)
         serial["task_s"] = _task_seconds(serial_spec.output)
-        runs = {}
-        for workers in (1, 2):
-            spec = load_spec(_spec(folder, s, f"ray{workers}"))
-            runs[workers] = run_sweep(spec, engine="ray", workers=workers, object_store_memory=10 ** 8,
-                                      progress=False)
-            runs[workers]["task_s"] = _task_seconds(spec.output)
-            runs[workers]["identical"] = _same(serial_spec.output, spec.output)
-    one, two = runs[1], runs[2]
+        for r in range(s["rounds"]):  # 1 and 2 workers alternate: the machine's slow spells hit both
+            for workers in (1, 2):
+                spec = load_spec(_spec(folder, s, f"ray{workers}-{r}"))
+                out = run_sweep(spec, engine="ray", workers=workers, object_store_memory=10 ** 8, progress=False)
+                out["task_s"] = sum(_task_seconds(spec.output))
+                out["identical"] = _same(serial_spec.output, spec.output)
+                runs[workers].append(out)
+                shutil.rmtree(spec.output)
     parallelism = machine_parallelism()
-    n = len(one["task_s"])
-    overhead = (one["schedule_s"] - sum(one["task_s"])) / n
+    one = {k: statistics.median(r[k] for r in runs[1]) for k in ("startup_s", "schedule_s", "task_s")}
+    two = {k: statistics.median(r[k] for r in runs[2]) for k in ("startup_s", "schedule_s", "task_s")}
+    n = len(serial["task_s"])  # every task ran in each run (fresh output folders)
+    overheads = [(r["schedule_s"] - r["task_s"]) / n for r in runs[1]]
+    overhead = statistics.median(overheads)
     pairs = {k for k, v in counts.items() if len(k[1]) >= 100}
     return {
         "preset": name, "tasks": serial["tasks"], "models": s["models"], "dictionary_words": s["words"],
-        "images": s["classes"] * s["views"],
+        "images": s["classes"] * s["views"], "rounds": s["rounds"],
         "serial_schedule_s": serial["schedule_s"], "serial_task_s": sum(serial["task_s"]),
-        "ray1_startup_s": one["startup_s"], "ray1_schedule_s": one["schedule_s"], "ray1_task_s": sum(one["task_s"]),
-        "ray2_startup_s": two["startup_s"], "ray2_schedule_s": two["schedule_s"],
-        "overhead_per_task_s": overhead, "mean_task_s": sum(one["task_s"]) / n,
-        "overhead_fraction": overhead / (sum(one["task_s"]) / n),
+        "ray1_startup_s": one["startup_s"], "ray1_schedule_s": one["schedule_s"], "ray1_task_s": one["task_s"],
+        "ray2_startup_s": two["startup_s"], "ray2_schedule_s": two["schedule_s"], "ray2_task_s": two["task_s"],
+        "ray1_schedule_each_s": [r["schedule_s"] for r in runs[1]],
+        "ray2_schedule_each_s": [r["schedule_s"] for r in runs[2]],
+        "speedup_each": [a["schedule_s"] / b["schedule_s"] for a, b in zip(runs[1], runs[2])],
+        "overhead_per_task_s": overhead, "mean_task_s": one["task_s"] / n,
+        "overhead_fraction": overhead / (one["task_s"] / n),
         "speedup_2_vs_1": one["schedule_s"] / two["schedule_s"],
-        "ray2_task_s": sum(two["task_s"]), "machine_parallelism_2_processes": parallelism,
-        "identical_results": bool(one["identical"] and two["identical"]),
+        "machine_parallelism_2_processes": parallelism,
+        "identical_results": all(r["identical"] for rs in runs.values() for r in rs),
         "dictionary_encodes": len(pairs), "texts_encoded_twice": sum(v > 1 for v in counts.values()),
     }
 
@@ -186,8 +197,9 @@ def _table(r: dict) -> str:
         f"  Ray overhead per task: {r['overhead_per_task_s'] * 1000:.1f} ms = {100 * r['overhead_fraction']:.2f}% "
         f"of the mean task ({r['mean_task_s']:.3f} s)",
         f"  1 worker {r['ray1_schedule_s']:.1f} s, 2 workers {r['ray2_schedule_s']:.1f} s: "
-        f"{r['speedup_2_vs_1']:.2f}x (serial engine {r['serial_schedule_s']:.1f} s); the tasks' own seconds: "
-        f"{r['ray1_task_s']:.1f} s with 1 worker, {r['ray2_task_s']:.1f} s with 2",
+        f"{r['speedup_2_vs_1']:.2f}x (medians of {r['rounds']} alternating rounds; each round "
+        + ", ".join(f"{x:.2f}x" for x in r["speedup_each"]) + f"; serial engine {r['serial_schedule_s']:.1f} s); "
+        f"the tasks' own seconds: {r['ray1_task_s']:.1f} s with 1 worker, {r['ray2_task_s']:.1f} s with 2",
         f"  control: two CPU-bound processes side by side run {r['machine_parallelism_2_processes']:.2f}x one "
         f"(2.0 on two free cores)",
         f"  dictionaries encoded: {r['dictionary_encodes']} ((model, dictionary) pairs), text lists encoded twice: "

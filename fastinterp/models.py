@@ -7,6 +7,7 @@ or neither (random weights, what the tests and the offline demo use).
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 from importlib import resources
@@ -113,8 +114,11 @@ def load_clip(name: str, pretrained: str | None = None, *, device="cpu", checkpo
     return model, preprocess, tokenizer
 
 
+@functools.lru_cache(maxsize=8)
 def _tokenizer(name: str):
-    """open_clip's tokenizer for `name`; SigLIP / SigLIP2 / multilingual configs use a Hugging
+    """open_clip's tokenizer for `name`, built once per process (parsing the BPE merges costs
+    0.2 s, paid by every model load of a sweep worker otherwise; nothing here changes a
+    tokenizer after it is built); SigLIP / SigLIP2 / multilingual configs use a Hugging
     Face tokenizer, which needs `transformers` and a one-time download: a clear error then."""
     import open_clip
 

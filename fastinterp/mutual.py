@@ -40,7 +40,7 @@ __all__ = [
     "IMAGENET_TEMPLATES", "curve_auc", "dataset_curve", "mi_curves", "load_descriptors",
     "class_embeddings", "vision_descriptors", "language_descriptors", "explain",
     "MutualExplanation", "run_dataset", "read_class_names", "plot_parts", "plot_mi_curves",
-    "plot_concept_sets", "demo_descriptors", "part_colors",
+    "plot_concept_sets", "demo_descriptors", "part_colors", "part_methods",
 ]
 
 IMAGENET_TEMPLATES = (
@@ -248,7 +248,8 @@ class MutualExplanation:
     descriptors: ConceptDictionary
 
 
-def _as_methods(parts) -> tuple[str, ...]:
+def part_methods(parts) -> tuple[str, ...]:
+    """`parts` ("pca", "kmeans", "both" or a list of them) as a tuple of part methods."""
     if isinstance(parts, str):
         parts = PART_METHODS if parts == "both" else (parts,)
     parts = tuple(parts)
@@ -278,8 +279,8 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
             top_initial: int = 500, relevance_offset: float = 0.02, per_part: int = 3,
             templates=IMAGENET_TEMPLATES, descriptor_template: str = "{}", batch_size: int = 64,
             cache_dir=None, descriptor_embeddings: torch.Tensor | None = None,
-            class_embeddings_: torch.Tensor | None = None, progress: bool = False,
-            timings: dict | None = None) -> MutualExplanation:
+            class_embeddings_: torch.Tensor | None = None, visual: VisualConcepts | None = None,
+            progress: bool = False, timings: dict | None = None) -> MutualExplanation:
     """Mutual-knowledge explanations of a batch of images (processed together).
 
     Args:
@@ -293,6 +294,9 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         u, u_venn: sizes of D_y for the MI (50) and for the concept-set figure (15).
         descriptor_embeddings, class_embeddings_: precomputed raw (M, d) / unit (C, d)
             embeddings (skip encoding; the dataset runner passes them).
+        visual: these images' vision side, from ``extract_visual_concepts`` with the same
+            parts, n_parts, facet, seed and crf (checked): skips it, so one vision pass serves
+            many descriptor banks; `images` may then be None.
         timings: a dict that gets the seconds of each stage added (``vision.stage``):
             "text_embeddings" (encoding or cache reads), the vision side's stages (see
             ``extract_visual_concepts``: "clip_forward_images", "clip_forward_parts",
@@ -303,21 +307,24 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         part method the parts (with ellipses and descriptors), D_v with scores, the MI curve,
         MI (its first point), AUC (its mean) and the concept sets (vision, language, mutual).
     """
-    methods = _as_methods(parts)
+    methods = part_methods(parts)
     _check_sizes(n_parts=n_parts, u=u, u_venn=u_venn, top_initial=top_initial, per_part=per_part,
                  batch_size=batch_size)
     if language_from not in ("predicted", "label"):
         raise ValueError(f"language_from={language_from!r}; use 'predicted' or 'label'")
     bank = load_descriptors(descriptors)
-    B = len(images)
+    B = len(images) if images is not None else len(visual.image_embeddings) if visual is not None else 0
     if B == 0:
         raise ValueError("explain needs at least one image")
     labels = _check_labels(labels, B, class_names, language_from)
     with stage(timings, "text_embeddings"):
         desc, cls = _text_embeddings(model, tokenizer, bank, class_names, templates, descriptor_template,
                                      cache_dir, descriptor_embeddings, class_embeddings_, progress)
-    vc = extract_visual_concepts(model, preprocess, images, methods=methods, n_parts=n_parts, facet=facet,
-                                 seed=seed, crf=crf, batch_size=batch_size, progress=progress, timings=timings)
+    if visual is None:
+        vc = extract_visual_concepts(model, preprocess, images, methods=methods, n_parts=n_parts, facet=facet,
+                                     seed=seed, crf=crf, batch_size=batch_size, progress=progress, timings=timings)
+    else:
+        vc = _checked_visual(visual, B, methods, n_parts=n_parts, facet=facet, seed=seed, crf=crf)
     with stage(timings, "language"):
         img = F.normalize(vc.image_embeddings, dim=-1)
         predicted = (img @ cls.T).argmax(dim=1).tolist()
@@ -348,6 +355,22 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         if records[b]["foreground_patches"] == 0:
             records[b]["note"] = "empty foreground: no parts, no vision concepts, MI 0"
     return MutualExplanation(records, vc, bank)
+
+
+def _checked_visual(vc: VisualConcepts, B: int, methods, **settings) -> VisualConcepts:
+    """A given vision side, refused when it is of other images or other settings (its
+    parts would silently stand for another explanation)."""
+    if len(vc.image_embeddings) != B:
+        raise ValueError(f"visual holds {len(vc.image_embeddings)} images but {B} were given")
+    missing = [m for m in methods if m not in vc.parts]
+    if missing:
+        raise ValueError(f"visual has no {missing} parts (it has {sorted(vc.parts)}); extract them with "
+                         f"methods={tuple(methods)}")
+    wrong = {k: (vc.settings[k], v) for k, v in settings.items() if k in vc.settings and vc.settings[k] != v}
+    if wrong:
+        raise ValueError("visual was extracted with other settings: " + ", ".join(
+            f"{k}={had!r} there, {k}={want!r} here" for k, (had, want) in wrong.items()))
+    return vc
 
 
 def _text_embeddings(model, tokenizer, bank, class_names, templates, descriptor_template, cache_dir,
@@ -489,7 +512,7 @@ def run_dataset(root, model, preprocess, tokenizer, descriptors, *, output, clas
     from .images import load_images
 
     t0 = time.perf_counter()
-    methods = _as_methods(parts)
+    methods = part_methods(parts)
     _check_sizes(**explain_kwargs)  # before any encoding
     out = Path(output)
     listing = _list_classes(root)

@@ -543,12 +543,38 @@ class PartResult:
 class VisualConcepts:
     """Vision-side result of a batch of B images at model resolution S."""
 
-    images: np.ndarray               # (B, S, S, 3) uint8 (preprocessed image, denormalised)
+    images: np.ndarray | None        # (B, S, S, 3) uint8 (preprocessed image, denormalised);
+    #                                  None when read back by `from_state` without images
     image_embeddings: torch.Tensor   # (B, d) raw encode_image output
     foreground: np.ndarray           # (B, h, w) bool patch foreground (after components)
     fiedler: np.ndarray              # (B, h, w) float64 u1 after the sign rule
     crf_masks: np.ndarray            # (B, S, S) bool pixel foreground (upsampled, CRF-trimmed)
     parts: dict = field(default_factory=dict)  # method -> PartResult
+    settings: dict = field(default_factory=dict)  # n_parts, facet, seed, crf it was made with
+
+    def state(self, *, images: bool = False) -> dict:
+        """Tensors and plain lists for `io.save_checked` (read back by `from_state`): all the
+        language side needs. Pixel part maps are not stored (rebuilt exactly from the patch
+        parts and CRF masks), nor the images unless `images` (150 KB each at 224 px)."""
+        t = torch.from_numpy
+        return {"image_embeddings": self.image_embeddings, "foreground": t(self.foreground),
+                "fiedler": t(self.fiedler), "crf_masks": t(self.crf_masks), "settings": dict(self.settings),
+                "images": t(self.images) if images and self.images is not None else None,
+                "parts": {m: {"patch_parts": t(p.patch_parts), "part_ids": p.part_ids,
+                              "ellipses": [[None if e is None else [list(e[0]), list(e[1]), e[2]] for e in ells]
+                                           for ells in p.ellipses],
+                              "embeddings": p.embeddings} for m, p in self.parts.items()}}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "VisualConcepts":
+        crf = d["crf_masks"].numpy()
+        vc = cls(None if d["images"] is None else d["images"].numpy(), d["image_embeddings"],
+                 d["foreground"].numpy(), d["fiedler"].numpy(), crf, settings=dict(d["settings"]))
+        for m, p in d["parts"].items():
+            patch = p["patch_parts"].numpy()
+            ells = [[None if e is None else (tuple(e[0]), tuple(e[1]), e[2]) for e in row] for row in p["ellipses"]]
+            vc.parts[m] = PartResult(m, patch, pixel_parts(patch, crf), p["part_ids"], ells, list(p["embeddings"]))
+        return vc
 
 
 def preprocess_images(images, preprocess) -> torch.Tensor:
@@ -598,14 +624,15 @@ def extract_visual_concepts(model, preprocess, images, *, methods: Sequence[str]
         for b in range(B):
             up = upsample_mask(fg[b], S)
             crf_masks[b] = crf_refine(uint8[b], up) if crf else up
-    vc = VisualConcepts(uint8, img_emb, fg, u, crf_masks)
+    vc = VisualConcepts(uint8, img_emb, fg, u, crf_masks,
+                        settings={"n_parts": n_parts, "facet": facet, "seed": seed, "crf": crf})
     for method in methods:
         with stage(timings, "parts"):  # the prompts' encode_image calls count as clip_forward_parts
-            patch_parts, pixel_parts, part_ids, ellipses, allp = _method_parts(
+            patch_parts, pixels, part_ids, ellipses, allp = _method_parts(
                 feats, fg, crf_masks, uint8, method=method, n_parts=n_parts, seed=seed)
             emb = encode_prompts(model, allp, mean, std, batch_size=batch_size, progress=progress,
                                  timings=timings)
-        vc.parts[method] = PartResult(method, patch_parts, pixel_parts, part_ids, ellipses,
+        vc.parts[method] = PartResult(method, patch_parts, pixels, part_ids, ellipses,
                                       list(torch.split(emb, [len(ids) for ids in part_ids])))
     return vc
 
@@ -613,14 +640,11 @@ def extract_visual_concepts(model, preprocess, images, *, methods: Sequence[str]
 def _method_parts(feats, fg, crf_masks, uint8, *, method: str, n_parts: int, seed: int):
     """One part method on a batch: (patch parts, pixel parts, part ids and ellipses per
     image, all prompted images (P, 3, S, S, 3))."""
-    B, S = uint8.shape[0], uint8.shape[1]
+    S = uint8.shape[1]
     patch_parts = assign_parts(feats, fg, method=method, n_parts=n_parts, seed=seed)
-    pixel_parts = np.full((B, S, S), -1, dtype=np.int16)
+    pixels = pixel_parts(patch_parts, crf_masks)
     part_ids, ellipses, prompts = [], [], []
-    for b in range(B):
-        pp = upsample_mask(patch_parts[b].astype(np.int16), S)
-        pp[~crf_masks[b]] = -1
-        pixel_parts[b] = pp
+    for b, pp in enumerate(pixels):
         ids = [int(v) for v in np.unique(pp) if v >= 0]
         ells = [fit_part_ellipse(pp == i) for i in ids]
         part_ids.append(ids)
@@ -628,4 +652,16 @@ def _method_parts(feats, fg, crf_masks, uint8, *, method: str, n_parts: int, see
         if ids:
             prompts.append(visual_prompts(uint8[b], ells))
     allp = np.concatenate(prompts) if prompts else np.zeros((0, 3, S, S, 3), np.uint8)
-    return patch_parts, pixel_parts, part_ids, ellipses, allp
+    return patch_parts, pixels, part_ids, ellipses, allp
+
+
+def pixel_parts(patch_parts: np.ndarray, crf_masks: np.ndarray) -> np.ndarray:
+    """(B, h, w) patch part labels -> (B, S, S) int16 pixel labels: nearest-upsampled, -1
+    outside the (B, S, S) CRF masks."""
+    B, S = crf_masks.shape[0], crf_masks.shape[1]
+    out = np.full((B, S, S), -1, dtype=np.int16)
+    for b in range(B):
+        pp = upsample_mask(patch_parts[b].astype(np.int16), S)
+        pp[~crf_masks[b]] = -1
+        out[b] = pp
+    return out

@@ -1,8 +1,6 @@
 """CCS: aggregation, resumability on LLM failure, the CLI end to end on the tiny model, demo."""
 import csv
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -173,38 +171,17 @@ def test_cli_end_to_end(image_folder, tmp_path, capsys):
     assert "CCS@K" in capsys.readouterr().out
 
 
-def test_cli_llm_endpoint(tmp_path, capsys):
+def test_cli_llm_endpoint(tmp_path, capsys, chat_server):
     """label/score through a local OpenAI-compatible server; a dead endpoint gives a clear error."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "descriptions.json").write_text(json.dumps({"heads": _records(2)}), encoding="utf-8")
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][-1]["content"]
-            answer = "location" if prompt.startswith("What is the common") else ("1" if "-0\"" in prompt else "0")
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    srv.daemon_threads = True
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        for cmd in ("label", "score"):
-            assert main(["ccs", cmd, "--base-url", url, "--llm-model", "m", "--output", str(out), "--quiet"]) == 0
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=5)
+    server = chat_server(lambda prompt: "location" if prompt.startswith("What is the common")
+                         else ("1" if "-0\"" in prompt else "0"))
+    url = server.url
+    for cmd in ("label", "score"):
+        assert main(["ccs", cmd, "--base-url", url, "--llm-model", "m", "--output", str(out), "--quiet"]) == 0
+    server.stop()
     rows = list(csv.DictReader((out / "ccs.csv").open(encoding="utf-8")))
     assert [(r["label"], r["ccs"], r["bucket"]) for r in rows] == [("location", "1", "low")] * 2
     (out / "labels.json").unlink()

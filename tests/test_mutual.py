@@ -245,6 +245,36 @@ def test_explain_is_deterministic_and_validates(tiny_clip, bank, explained):
         mutual.class_embeddings(model, tokenizer, ["a", "a"])
 
 
+def test_one_vision_pass_serves_many_banks(tiny_clip, bank, explained, tmp_path):
+    """explain(visual=...) over a vision side saved and read back (a checked file without the
+    images) gives the records of the full call; other images or settings are refused."""
+    from fastinterp.io import load_checked, save_checked
+    from fastinterp.vision import VisualConcepts, extract_visual_concepts
+
+    model, preprocess, tokenizer = tiny_clip
+    exp, cache = explained
+    vc = extract_visual_concepts(model, preprocess, _images(), methods=("pca", "kmeans"), seed=0)
+    save_checked({"visual": vc.state()}, tmp_path / "visual.pt")
+    back = VisualConcepts.from_state(load_checked(tmp_path / "visual.pt")["visual"])
+    assert back.images is None
+    for m in ("pca", "kmeans"):
+        np.testing.assert_array_equal(back.parts[m].pixel_parts, vc.parts[m].pixel_parts)
+    shared = mutual.explain(model, preprocess, tokenizer, None, CLASSES, bank, labels=[0, 1, 2, 0], parts="both",
+                            seed=0, cache_dir=cache, visual=back)
+    assert shared.records == exp.records
+    other = mutual.load_descriptors(bank.texts[:60])  # a second bank over the same vision pass
+    direct = mutual.explain(model, preprocess, tokenizer, _images(), CLASSES, other, parts="pca", seed=0)
+    assert mutual.explain(model, preprocess, tokenizer, None, CLASSES, other, parts="pca", seed=0,
+                          visual=back).records == direct.records
+    with pytest.raises(ValueError, match="n_parts=5 there, n_parts=3 here"):
+        mutual.explain(model, preprocess, tokenizer, None, CLASSES, bank, parts="pca", n_parts=3, visual=back)
+    with pytest.raises(ValueError, match="holds 4 images but 1 were given"):
+        mutual.explain(model, preprocess, tokenizer, _images()[:1], CLASSES, bank, visual=back)
+    pca_only = extract_visual_concepts(model, preprocess, _images(), methods=("pca",), seed=0)
+    with pytest.raises(ValueError, match="no \\['kmeans'\\] parts"):
+        mutual.explain(model, preprocess, tokenizer, None, CLASSES, bank, parts="both", visual=pca_only)
+
+
 def test_explain_with_ground_truth_and_empty_foreground(tiny_clip, bank, tmp_path):
     model, preprocess, tokenizer = tiny_clip
     ims = [im for im in demo_images().values()]

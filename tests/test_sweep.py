@@ -56,7 +56,9 @@ n_texts = 2
 [methods.mutual]
 steps = ["explain"]
 """
-UNCOMPARED = {"timing.json", "timings.json"}  # wall times: kept out of the compared results on purpose
+# wall times, and the image-digest cache (keyed by each output's own absolute photo folder):
+# kept out of the compared results on purpose
+UNCOMPARED = {"timing.json", "timings.json", "image-digests.json"}
 
 
 def _write_spec(folder: Path, output: str, retries: int = 2) -> Path:
@@ -109,12 +111,42 @@ def test_graph_shares_work_and_ids_are_stable(tmp_path):
     assert kinds["image-mean"] == 2 and kinds["contributions"] == 4  # 2 models x 2 image shards
     assert kinds["sith.decompose"] == kinds["sith.fidelity"] == kinds["ccs.textspan"] == 8
     assert kinds["mutual.shard"] == 8 and kinds["mutual.explain"] == 4
+    assert kinds["mutual.vision"] == 4  # 2 models x 2 class shards, shared by both dictionaries
+    vision = {t.id for t in g.tasks.values() if t.kind == "mutual.vision"}
+    assert all(len(vision & set(t.dep_ids)) == 1 for t in g.tasks.values() if t.kind == "mutual.shard")
     again = build_graph(_parse(SPEC.format(output="out", retries=2), tmp_path))
     assert [(t.id, t.key) for t in again.tasks.values()] == [(t.id, t.key) for t in g.tasks.values()]
     changed = build_graph(_parse(SPEC.format(output="out", retries=2).replace("sparsity = 3", "sparsity = 2"),
                                  tmp_path))
     same = {t.id for t in g.tasks.values()} & {t.id for t in changed.tasks.values()}
     assert all(g.tasks[i].kind not in ("sith.decompose", "sith.fidelity") for i in same)
+    reseeded = build_graph(_parse(SPEC.format(output="out", retries=2).replace("seed = 0\nshard", "seed = 7\nshard"),
+                                  tmp_path))
+    assert [t.id for t in reseeded.tasks.values()] == [t.id for t in g.tasks.values()]
+    assert not {t.key for t in reseeded.tasks.values()} & {t.key for t in g.tasks.values()}  # all rerun
+
+
+def test_image_folders_are_hashed_once_and_rehashed_on_change(tmp_path):
+    from fastinterp.sweep.inputs import DIGEST_CACHE
+
+    spec = _parse(SPEC.format(output="out", retries=2), tmp_path)
+    keys = {t.id: t.key for t in build_graph(spec).tasks.values()}
+    cache = spec.output / DIGEST_CACHE
+    known = json.loads(cache.read_text())
+    (entry,) = known.values()
+    entry["digest"]["sha256"] = "0" * 64  # a stale cache with a matching listing is believed: it was used
+    cache.write_text(json.dumps(known))
+    assert {t.id: t.key for t in build_graph(spec).tasks.values()} != keys
+    cache.unlink()  # deleting the cache re-hashes
+    assert {t.id: t.key for t in build_graph(spec).tasks.values()} == keys
+    photo = sorted((spec.output / "inputs" / "photos").rglob("*.png"))[0]
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10 ** 9))  # touched, same bytes
+    assert {t.id: t.key for t in build_graph(spec).tasks.values()} == keys
+    photo.write_bytes(photo.read_bytes() + b"\0")  # new bytes: every task that reads the photos reruns
+    changed = {t.id: t.key for t in build_graph(spec).tasks.values()}
+    g = build_graph(spec)
+    assert {g.tasks[i].kind for i in keys if changed[i] != keys[i]} >= {"image-mean", "contributions", "mutual.vision"}
+    assert all(changed[i] == keys[i] for i in keys if g.tasks[i].kind == "encode")
 
 
 # --------------------------------------------------------------------------------------
@@ -125,9 +157,22 @@ def serial_run(tmp_path_factory):
     """The small sweep with the serial engine; every text list encoded is counted."""
     from benchmarks.bench_sweep import _serial_counted
 
+    from fastinterp import vision
+
     base = tmp_path_factory.mktemp("serial")
     spec = load_spec(_write_spec(base, "out"))
-    summary, counts = _serial_counted(spec)
+    original, passes = vision.extract_visual_concepts, collections.Counter()
+
+    def counted(model, preprocess, images, **kw):  # the vision side, per (model, image set)
+        passes[(id(model), tuple(im.tobytes() for im in images))] += 1
+        return original(model, preprocess, images, **kw)
+
+    vision.extract_visual_concepts = counted
+    try:
+        summary, counts = _serial_counted(spec)
+    finally:
+        vision.extract_visual_concepts = original
+    summary["vision_passes"] = passes
     return spec, summary, counts
 
 
@@ -139,6 +184,8 @@ def test_serial_sweep_runs_and_encodes_each_dictionary_once(serial_run):
     spec, summary, counts = serial_run
     assert summary["ran"] == summary["tasks"] and not summary["failed"] and not summary["blocked"]
     assert max(counts.values()) == 1  # no text list (dictionary, class prompts) encoded twice by one model
+    passes = summary["vision_passes"]  # one per (model, class of photos), shared by both dictionaries
+    assert max(passes.values()) == 1 and len(passes) == 2 * len(list((spec.output / "inputs" / "photos").iterdir()))
     rows = _rows(spec.output)
     assert len(rows) == 8 + 8 + 8 + 4 and all(r["status"] == "done" for r in rows)
     assert (spec.output / "results.csv").read_text().count("\n") == len(rows) + 1
@@ -304,3 +351,56 @@ def test_ray_cluster_on_localhost(serial_run, tmp_path):
             ray.shutdown()
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+LLM_SPEC = """
+[sweep]
+output = "out"
+layers = [3]
+
+[[models]]
+name = "tiny"
+model = "fastinterp-tiny-ViT"
+
+[dictionaries]
+concepts = "demo"
+
+[images]
+photos = "demo"
+
+[methods.ccs]
+steps = ["textspan", "label", "score"]
+n_texts = 3
+labeller = "openai"
+"""
+
+
+def test_llm_labeller_in_a_sweep(tmp_path, monkeypatch, chat_server):
+    """ccs label / score through an OpenAI-compatible server on 127.0.0.1 (configured by the
+    FASTINTERP_LLM_* variables, as a user would): the scores are the server's answers, and
+    the API key reaches the server but no file of the sweep."""
+    def answer(prompt):  # label: a fixed name; judge: consistent iff the description has an even length
+        if prompt.startswith("What is the common"):
+            return "colour"
+        text = prompt.rsplit('Text: "', 1)[1].rstrip().removesuffix('"')
+        return "1" if len(text) % 2 == 0 else "0"
+
+    server = chat_server(answer)
+    secret = "sk-test-not-a-real-key-7d1f"
+    monkeypatch.setenv("FASTINTERP_LLM_BASE_URL", server.url)
+    monkeypatch.setenv("FASTINTERP_LLM_MODEL", "stand-in")
+    monkeypatch.setenv("FASTINTERP_LLM_API_KEY", secret)
+    (tmp_path / "sweep.toml").write_text(LLM_SPEC, encoding="utf-8")
+    spec = load_spec(tmp_path / "sweep.toml")
+    s = run_sweep(spec, engine="serial", progress=False)
+    assert s["ran"] == s["tasks"] and not s["failed"], s["failed"]
+    assert server.requests and {r["auth"] for r in server.requests} == {f"Bearer {secret}"}
+    (desc,) = (spec.output / "tasks" / "ccs.textspan").glob("*/descriptions.json")
+    heads = json.loads(desc.read_text())["heads"]
+    (scored,) = (spec.output / "tasks" / "ccs.score").glob("*/ccs.json")
+    got = json.loads(scored.read_text())["heads"]
+    assert [h["label"] for h in got] == ["colour"] * len(heads)
+    assert [h["ccs"] for h in got] == [sum(len(d) % 2 == 0 for d in h["descriptions"]) for h in heads]
+    row = _row(_rows(spec.output), method="ccs.score")
+    assert row["mean_ccs"] == sum(h["ccs"] for h in got) / len(got)
+    assert not [p for p in spec.output.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

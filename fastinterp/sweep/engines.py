@@ -2,27 +2,22 @@
 (a local Ray started in-process, or an existing cluster by address).
 
 Both share one scheduler (`schedule`): a task is submitted once all its dependencies are
-done, at most `slots` at a time (so the ones in flight are the ones running), in graph
-order; a task that fails after its retries is reported and everything depending on it is
+done, at most `slots` at a time (so the ones in flight are the ones running), the engine
+choosing among the ready ones (serial: graph order; Ray: a worker that holds the model);
+a task that fails after its retries is reported and everything depending on it is
 blocked, while the other tasks finish.
 """
 from __future__ import annotations
 
+import collections
+import json
 import os
 import time
 import traceback
 
-from .tasks import execute
+from .tasks import MODELS_KEPT, execute
 
 __all__ = ["SerialEngine", "RayEngine", "schedule", "make_engine"]
-
-
-def _numba_threads() -> int | None:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba.get_num_threads()
 
 
 class SerialEngine:
@@ -36,28 +31,19 @@ class SerialEngine:
         self.startup_s = 0.0
         self.slots = 1
 
-    def submit(self, task: dict) -> None:
-        self.queue.append(task)
+    def submit_one(self, ready: list[dict]) -> str:
+        """The first ready task (graph order: the reference order)."""
+        self.queue.append(ready[0])
+        return ready[0]["id"]
 
     def wait(self) -> list[tuple[str, dict]]:
-        import torch
-
         task = self.queue.pop(0)
-        threads = torch.get_num_threads()
-        numba_threads = _numba_threads()
         err = None
-        try:
-            for attempt in range(self.retries + 1):
-                try:
-                    return [(task["id"], {"ok": True, "attempts": attempt + 1, **execute(task, self.root, self.run)})]
-                except Exception as e:  # noqa: BLE001 - any failure of the task is reported, never raised
-                    err = e
-        finally:
-            torch.set_num_threads(threads)
-            if numba_threads:
-                import numba
-
-                numba.set_num_threads(numba_threads)
+        for attempt in range(self.retries + 1):  # execute sets the thread pools for the task, then back
+            try:
+                return [(task["id"], {"ok": True, "attempts": attempt + 1, **execute(task, self.root, self.run)})]
+            except Exception as e:  # noqa: BLE001 - any failure of the task is reported, never raised
+                err = e
         return [(task["id"], {"ok": False, "attempts": self.retries + 1, "error": f"{type(err).__name__}: {err}",
                               "traceback": "".join(traceback.format_exception(err))})]
 
@@ -65,23 +51,33 @@ class SerialEngine:
         pass
 
 
-def _remote_execute(task, root, run):
-    return execute(task, root, run)
+def model_key(task: dict) -> str | None:
+    """Which model a task loads (None for merges that load none)."""
+    m = task["payload"].get("model")
+    return None if m is None else json.dumps(m, sort_keys=True)
 
 
-def _warm(seconds: float) -> int:
-    """Imports what every task needs (torch, open_clip, the methods) in a worker: start-up."""
-    import open_clip  # noqa: F401
+class _Worker:
+    """One slot of a sweep on Ray: a long-lived process (an actor) that keeps its loaded
+    models and files between tasks, so the engine can send a task where its model is."""
 
-    from .. import ccs, mutual, sith  # noqa: F401
+    def __init__(self, methods):
+        from .kinds import warm_up
 
-    time.sleep(seconds)
-    return os.getpid()
+        warm_up(methods)  # the imports and compiled kernels: start-up, not a task's work
+
+    def execute(self, task, root, run):
+        return execute(task, root, run)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 class RayEngine:
-    """Ray tasks: one CPU per torch thread (a GPU when the node has CUDA), retried by Ray
-    after exceptions and worker deaths (killed, out of memory)."""
+    """One Ray actor per slot (`threads` CPUs each, or a GPU when the node has CUDA). A task
+    goes to a free actor that already holds its model when there is one (a model load per
+    worker, not per task); an actor that dies (killed, out of memory) is restarted by Ray and
+    its task retried, as are tasks that raise, `retries` times."""
 
     name = "ray"
 
@@ -110,29 +106,56 @@ class RayEngine:
         self.slots = int(res.get("GPU", 0)) if gpus else max(1, int(res.get("CPU", 1) // threads))
         if (address is not None or not self.owner) and workers:
             self.slots = min(self.slots, workers)
-        opts = dict(num_cpus=threads, num_gpus=gpus)
-        self.remote = ray.remote(_remote_execute).options(max_retries=retries, retry_exceptions=True, **opts)
-        ray.get([ray.remote(_warm).options(**opts).remote(0.3) for _ in range(self.slots)])
+        actor = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=-1,
+                                            max_task_retries=retries)
+        self.actors = [actor.remote(run["methods"]) for _ in range(self.slots)]
+        ray.get([a.pid.remote() for a in self.actors])  # every worker started and warmed up
+        ex = ray.exceptions
+        self._died = (ex.ActorDiedError, ex.ActorUnavailableError, ex.WorkerCrashedError, ex.OutOfMemoryError)
         self.startup_s = time.perf_counter() - t0
-        self.inflight: dict = {}  # ObjectRef -> task id
+        self.free = list(range(self.slots))
+        self.held = [collections.deque(maxlen=MODELS_KEPT) for _ in self.actors]  # mirrors tasks._MODELS
+        self.inflight: dict = {}  # ObjectRef -> (task id, actor index)
 
-    def submit(self, task: dict) -> None:
-        self.inflight[self.remote.remote(task, str(self.root), self.run)] = task["id"]
+    def submit_one(self, ready: list[dict]) -> str:
+        """Submit one of the `ready` tasks (in priority order) to a free actor: one whose
+        model it holds; else one whose model no actor holds (models spread over the workers
+        instead of each worker loading each one); else the first. Returns its id."""
+        task, slot = next(((t, a) for t in ready for a in self.free if model_key(t) in self.held[a]), (None, None))
+        if task is None:
+            slot = min(self.free, key=lambda a: len(self.held[a]))
+            anywhere = set().union(*self.held)
+            task = next((t for t in ready if model_key(t) not in anywhere), ready[0])
+        self.free.remove(slot)
+        key = model_key(task)
+        if key is not None:
+            if key in self.held[slot]:
+                self.held[slot].remove(key)
+            self.held[slot].append(key)
+        ref = self.actors[slot].execute.options(retry_exceptions=True).remote(task, str(self.root), self.run)
+        self.inflight[ref] = (task["id"], slot)
+        return task["id"]
 
     def wait(self) -> list[tuple[str, dict]]:
         ready, _ = self.ray.wait(list(self.inflight), num_returns=1)
         out = []
         for ref in ready:
-            tid = self.inflight.pop(ref)
+            tid, slot = self.inflight.pop(ref)
+            self.free.append(slot)
             try:
                 out.append((tid, {"ok": True, **self.ray.get(ref)}))
-            except Exception as e:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, OutOfMemoryError, ...
+            except Exception as e:  # noqa: BLE001 - RayTaskError, ActorDiedError, OutOfMemoryError, ...
                 cause = getattr(e, "cause", None) or e
-                out.append((tid, {"ok": False, "error": f"{type(cause).__name__}: {str(cause).strip()[-2000:]}",
-                                  "traceback": str(e)[-8000:]}))
+                error = f"{type(cause).__name__}: {str(cause).strip()[-2000:]}"
+                if isinstance(e, self._died):
+                    self.held[slot].clear()  # Ray restarts it holding nothing
+                    error = f"the worker process died (killed, out of memory or crashed) running it; {error}"
+                out.append((tid, {"ok": False, "error": error, "traceback": str(e)[-8000:]}))
         return out
 
     def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
         if self.owner:
             self.ray.shutdown()
 
@@ -153,9 +176,8 @@ def schedule(engine, tasks: dict, todo: list[str], done: set[str], *, on_start=N
     outcomes: dict = {}
     running: set = set()
     while waiting or running:
+        ready = []
         for tid in list(waiting):
-            if len(running) >= engine.slots:
-                break
             deps = tasks[tid]["dep_ids"]
             bad = next((d for d in deps if d in outcomes and not outcomes[d]["ok"]), None)
             if bad is not None:
@@ -164,11 +186,14 @@ def schedule(engine, tasks: dict, todo: list[str], done: set[str], *, on_start=N
                 if on_finish:
                     on_finish(tid, outcomes[tid])
             elif all(d in done for d in deps):
-                waiting.remove(tid)
-                running.add(tid)
-                engine.submit(tasks[tid])
-                if on_start:
-                    on_start(tid)
+                ready.append(tasks[tid])
+        while ready and len(running) < engine.slots:
+            tid = engine.submit_one(ready)
+            ready = [t for t in ready if t["id"] != tid]
+            waiting.remove(tid)
+            running.add(tid)
+            if on_start:
+                on_start(tid)
         if not running:
             if waiting:  # dependencies that are neither done nor scheduled
                 for tid in waiting:

@@ -5,12 +5,15 @@
 * one `image-mean` task per (model, image folder) (SITH's modality-gap correction) and
   `contributions` shard tasks per (model, image folder) (TextSpan's per-head pass over all
   the sweep's layers at once), shared by every layer and dictionary;
-* mutual-knowledge passes split into shards of classes (the images of a class are
-  explained together, as `mutual.run_dataset` does), merged by one task.
+* mutual knowledge in shards of classes (the images of a class are explained together, as
+  `mutual.run_dataset` does): one `mutual.vision` task per (model, image folder, shard)
+  (the vision side: foreground, parts, part embeddings), read by one `mutual.shard` task
+  per dictionary (the language side), merged by one `mutual.explain` task.
 
 A task's id is the hash of its kind, coordinates and settings (stable across runs); its
 key adds the fingerprints of its inputs (model weights source, dictionary texts, image
-bytes) and its dependencies' keys: a finished task is reused only when its key matches.
+bytes), the sweep's seed and its dependencies' keys: a finished task is reused only when
+its key matches.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .spec import Spec
 
 __all__ = ["Task", "Graph", "build_graph", "RESULT_KINDS", "GRAPH_FORMAT"]
 
-GRAPH_FORMAT = 1
+GRAPH_FORMAT = 2  # 2: sweep.seed in every key; the mutual vision side its own task
 RESULT_KINDS = ("sith.decompose", "sith.fidelity", "ccs.textspan", "ccs.label", "ccs.score", "ccs.prune",
                 "mutual.explain")
 """The tasks that give a row of the results table (the others are shared intermediate work)."""
@@ -81,7 +84,8 @@ class Graph:
         t = Task(tid, kind, dict(coords), dict(settings), deps, inputs or {}, payload or {})
         dep_keys = {role: ([self.tasks[d].key for d in v] if isinstance(v, list) else self.tasks[v].key)
                     for role, v in deps.items()}
-        t.key = _hash({"format": GRAPH_FORMAT, "id": tid, "inputs": t.inputs, "deps": dep_keys}, 32)
+        t.key = _hash({"format": GRAPH_FORMAT, "id": tid, "inputs": t.inputs, "deps": dep_keys,
+                       "seed": self.spec.seed}, 32)  # every task is seeded with it (tasks.seed_everything)
         self.tasks[tid] = t
         return tid
 
@@ -117,13 +121,13 @@ class _Inputs:
     """Dictionaries and image folders resolved once for the graph (texts, file lists, hashes)."""
 
     def __init__(self, spec: Spec):
-        from .inputs import folder_digest, image_folder, list_classes, list_images, resolve_dictionary
+        from .inputs import DIGEST_CACHE, folder_digest, image_folder, list_classes, list_images, resolve_dictionary
 
         self.spec = spec
         self.dicts = {n: resolve_dictionary(n, src) for n, src in spec.dictionaries.items()}
         self.dict_fp = {n: {"size": len(d), "sha256": d.texts_hash()} for n, d in self.dicts.items()}
         self.folders = {n: str(image_folder(spec, n)) for n in spec.images}
-        self.image_fp = {n: folder_digest(f) for n, f in self.folders.items()}
+        self.image_fp = {n: folder_digest(f, cache=spec.output / DIGEST_CACHE) for n, f in self.folders.items()}
         self._list_images, self._list_classes = list_images, list_classes
 
     def images(self, name: str) -> list[str]:
@@ -231,19 +235,24 @@ def _ccs_tasks(g: Graph, spec: Spec, inp: _Inputs, m: dict, encode) -> None:
 
 def _mutual_tasks(g: Graph, spec: Spec, inp: _Inputs, m: dict, encode) -> None:
     s = spec.methods["mutual"]
-    settings = {k: s[k] for k in ("parts", "n_parts", "u", "crf", "facet", "language_from", "batch_size")}
+    vision_settings = {k: s[k] for k in ("parts", "n_parts", "facet", "crf", "batch_size")}
+    settings = dict(vision_settings, **{k: s[k] for k in ("u", "language_from")})
     for images in s["images"]:
         classes = inp.classes(images)
         shards = _chunks(classes, spec.shard_size)
+        vision = [g.add("mutual.vision", {"model": m["name"], "images": images, "shard": f"{i + 1}/{len(shards)}"},
+                        dict(vision_settings, classes=classes),
+                        inputs={"model": model_input(m), "images": inp.image_fp[images]},
+                        payload={"model": m, "folder": inp.folders[images], "shard_classes": shard})
+                  for i, shard in enumerate(shards)]
         for dname in s["dictionaries"]:
             ids = []
             for i, shard in enumerate(shards):
                 coords = {"model": m["name"], "images": images, "dictionary": dname,
                           "shard": f"{i + 1}/{len(shards)}"}
                 ids.append(g.add("mutual.shard", coords, dict(settings, classes=classes),
-                                 deps={"encode": encode(m, dname)},
-                                 inputs={"model": model_input(m), "images": inp.image_fp[images]},
-                                 payload={"model": m, "folder": inp.folders[images], "shard_classes": shard,
-                                          "classes": classes, "dictionary_name": dname}))
+                                 deps={"encode": encode(m, dname), "vision": vision[i]},
+                                 inputs={"model": model_input(m)},
+                                 payload={"model": m, "classes": classes, "dictionary_name": dname}))
             g.add("mutual.explain", {"model": m["name"], "images": images, "dictionary": dname}, settings,
                   deps={"shards": ids}, inputs={}, payload={"model": m})

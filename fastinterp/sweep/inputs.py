@@ -3,9 +3,10 @@ photos written once under the output), content fingerprints of both."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
-__all__ = ["resolve_dictionary", "image_folder", "folder_digest", "list_images", "list_classes"]
+__all__ = ["resolve_dictionary", "image_folder", "folder_digest", "list_images", "list_classes", "DIGEST_CACHE"]
 
 
 def resolve_dictionary(name: str, source: dict):
@@ -73,16 +74,38 @@ def list_classes(folder, what: str) -> list[str]:
     return classes
 
 
-def folder_digest(folder) -> dict:
+DIGEST_CACHE = "cache/image-digests.json"
+"""Under a sweep's output: each image folder's content digest with the file listing (paths,
+sizes, modification times) it was computed for; delete it to force re-hashing."""
+
+
+def folder_digest(folder, cache: Path | None = None) -> dict:
     """SHA-256 over the sorted relative paths and bytes of every image under `folder`
-    (independent of where the folder lives and of modification times)."""
+    (independent of where the folder lives and of modification times). With `cache` (a
+    JSON file), the bytes are read again only when the listing's paths, sizes or
+    modification times changed: a dataset is hashed once, not on every run and status."""
+    from ..io import atomic_open, files_fingerprint, read_json
+
     root = Path(folder)
-    h = hashlib.sha256()
     files = list_images(root)
+    listing = files_fingerprint([root / rel for rel in files], root=root)["sha256"]
+    key = str(root.resolve())
+    known = (read_json(cache) or {}) if cache is not None else {}
+    hit = known.get(key) if isinstance(known, dict) else None
+    if isinstance(hit, dict) and hit.get("listing") == listing and isinstance(hit.get("digest"), dict):
+        return hit["digest"]
+    h = hashlib.sha256()
     for rel in files:
         h.update(rel.encode() + b"\0")
         with open(root / rel, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         h.update(b"\n")
-    return {"files": len(files), "sha256": h.hexdigest()}
+    digest = {"files": len(files), "sha256": h.hexdigest()}
+    if cache is not None:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"listing": listing, "digest": digest}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache, "w") as f:
+            json.dump(known, f, indent=1, sort_keys=True)
+    return digest

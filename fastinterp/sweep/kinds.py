@@ -9,7 +9,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["KINDS"]
+__all__ = ["KINDS", "warm_up"]
+
+
+def warm_up(methods) -> None:
+    """What a fresh worker's first task would otherwise pay once: the lazy imports and
+    loading Numba's cached machine code (about 2 s before a first mutual task on 2 cores).
+    Done at worker start-up so that it counts as start-up, not as a task's work."""
+    import open_clip  # noqa: F401
+
+    from .. import ccs, mutual, sith, textspan  # noqa: F401
+
+    if "mutual" in methods:
+        import cv2  # noqa: F401
+        import pydensecrf.densecrf  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+        import scipy.sparse.linalg  # noqa: F401
+        import sklearn.decomposition  # noqa: F401
+        import sklearn.preprocessing  # noqa: F401
+
+        from ..kernels.mi import mi_curves
+        from ..kernels.sinkhorn import sinkhorn_fixed
+
+        sinkhorn_fixed([torch.ones((2, 3), dtype=torch.float64)], iters=2)  # the types mutual.explain passes
+        mi_curves([[0, 1]], [[1, 2]])
 
 
 # --------------------------------------------------------------------------------------
@@ -180,18 +203,18 @@ def _class_images(folder: Path, c: str) -> list[Path]:
     return sorted(p for p in (folder / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def mutual_shard(ctx) -> dict:
-    """`mutual.explain` of each class of the shard (a class's images together, as run_dataset)."""
+def mutual_vision(ctx) -> dict:
+    """The vision side of each class of the shard (a class's images together, as
+    run_dataset), once per (model, image folder): every dictionary's language side reads it."""
     from ..images import load_images
-    from ..mutual import class_embeddings, explain
+    from ..mutual import part_methods
+    from ..vision import extract_visual_concepts
     from .tasks import seed_everything
 
-    model, preprocess, tokenizer = ctx.model()
+    model, preprocess, _ = ctx.model()
     s, p = ctx.settings, ctx.payload
-    folder, names = Path(p["folder"]), p["classes"]
-    bank, desc = ctx.dictionary(), ctx.embeddings()
-    cls = class_embeddings(model, tokenizer, names, cache_dir=ctx.root / "cache", progress=False)
-    records, unreadable = [], []
+    folder = Path(p["folder"])
+    classes, unreadable = {}, []
     for c in p["shard_classes"]:
         loaded = load_images(_class_images(folder, c))
         unreadable += sorted({str(q.relative_to(folder)) for q in _class_images(folder, c)}
@@ -199,13 +222,34 @@ def mutual_shard(ctx) -> dict:
         if not loaded:
             continue
         seed_everything(ctx.run["seed"])  # each class as if explained alone (OpenCV's generator included)
-        exp = explain(model, preprocess, tokenizer, [im for _, im in loaded], names, bank,
-                      labels=[names.index(c)] * len(loaded), parts=s["parts"], n_parts=s["n_parts"],
-                      facet=s["facet"], seed=ctx.run["seed"], crf=s["crf"], language_from=s["language_from"],
-                      u=s["u"], batch_size=s["batch_size"], descriptor_embeddings=desc, class_embeddings_=cls)
-        records += [dict(r, image=q.relative_to(folder).as_posix(), class_folder=c)
-                    for (q, _), r in zip(loaded, exp.records)]
-    ctx.write_json("records.json", {"records": records, "unreadable": unreadable})
+        vc = extract_visual_concepts(model, preprocess, [im for _, im in loaded], methods=part_methods(s["parts"]),
+                                     n_parts=s["n_parts"], facet=s["facet"], seed=ctx.run["seed"], crf=s["crf"],
+                                     batch_size=s["batch_size"])
+        classes[c] = {"images": [q.relative_to(folder).as_posix() for q, _ in loaded], "visual": vc.state()}
+    ctx.save_pt("visual.pt", {"classes": classes, "unreadable": unreadable})
+    return {"images": sum(len(v["images"]) for v in classes.values())}
+
+
+def mutual_shard(ctx) -> dict:
+    """The language side of each class of the shard for one dictionary, over the shard's
+    shared vision pass (`mutual.explain(visual=...)`)."""
+    from ..mutual import class_embeddings, explain
+    from ..vision import VisualConcepts
+
+    model, preprocess, tokenizer = ctx.model()
+    s, names = ctx.settings, ctx.payload["classes"]
+    bank, desc = ctx.dictionary(), ctx.embeddings()
+    cls = class_embeddings(model, tokenizer, names, cache_dir=ctx.root / "cache", progress=False)
+    vision = ctx.load_pt("vision", "visual.pt")
+    records = []
+    for c, v in vision["classes"].items():
+        exp = explain(model, preprocess, tokenizer, None, names, bank, labels=[names.index(c)] * len(v["images"]),
+                      parts=s["parts"], n_parts=s["n_parts"], facet=s["facet"], seed=ctx.run["seed"], crf=s["crf"],
+                      language_from=s["language_from"], u=s["u"], batch_size=s["batch_size"],
+                      descriptor_embeddings=desc, class_embeddings_=cls,
+                      visual=VisualConcepts.from_state(v["visual"]))
+        records += [dict(r, image=name, class_folder=c) for name, r in zip(v["images"], exp.records)]
+    ctx.write_json("records.json", {"records": records, "unreadable": vision["unreadable"]})
     return {"images": len(records)}
 
 
@@ -218,7 +262,9 @@ def mutual_explain(ctx) -> dict:
         part = ctx.load_json("shards", "records.json", i)
         records += part["records"]
         unreadable += part["unreadable"]
-    methods = ("pca", "kmeans") if ctx.settings["parts"] == "both" else (ctx.settings["parts"],)
+    from ..mutual import part_methods
+
+    methods = part_methods(ctx.settings["parts"])
     summary, out = {}, {"images": len(records)}
     for m in methods:
         curves = [r["methods"][m]["mi_curve"] for r in records if m in r["methods"]]
@@ -235,5 +281,5 @@ def mutual_explain(ctx) -> dict:
 
 KINDS = {"encode": encode, "image-mean": image_mean, "contributions": contributions,
          "sith.decompose": sith_decompose, "sith.fidelity": sith_fidelity, "ccs.textspan": ccs_textspan,
-         "ccs.label": ccs_label, "ccs.score": ccs_score, "ccs.prune": ccs_prune, "mutual.shard": mutual_shard,
-         "mutual.explain": mutual_explain}
+         "ccs.label": ccs_label, "ccs.score": ccs_score, "ccs.prune": ccs_prune, "mutual.vision": mutual_vision,
+         "mutual.shard": mutual_shard, "mutual.explain": mutual_explain}

@@ -42,7 +42,7 @@ def _run_settings(spec: Spec) -> dict:
     from .tasks import FAULT_ENV
 
     return {"seed": spec.seed, "threads": spec.threads, "device": spec.device, "dictionaries": spec.dictionaries,
-            "fault": os.environ.get(FAULT_ENV)}
+            "methods": sorted(spec.methods), "fault": os.environ.get(FAULT_ENV)}
 
 
 class _Progress:
@@ -139,7 +139,8 @@ def _write_timings(root: Path, tasks: dict, outcomes: dict, summary: dict, worke
     for tid, t in tasks.items():
         rec = read_json(root / t["folder"] / "timing.json")
         if rec:
-            per_task[tid] = {"name": t["name"], "seconds": rec["seconds"], "ran_now": tid in outcomes}
+            per_task[tid] = {"name": t["name"], "seconds": rec["seconds"], "cpu_seconds": rec.get("cpu_seconds"),
+                             "ran_now": tid in outcomes}
     _write_json(root / TIMINGS_FILE, {
         "engine": summary["engine"], "workers": workers, "startup_s": summary["startup_s"],
         "schedule_s": summary["schedule_s"], "wall_s": summary["wall_s"], "tasks": per_task,

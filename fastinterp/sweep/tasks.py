@@ -8,6 +8,7 @@ the hash in that dependency's record, so nothing half-written is ever read.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import torch
 from ..io import atomic_open, load_checked, read_run_record, save_checked, write_run_record
 from .inputs import resolve_dictionary
 
-__all__ = ["execute", "seed_everything", "task_done", "RECORD_FORMAT", "FAULT_ENV", "ERROR_FILE", "TIMING_FILE"]
+__all__ = ["execute", "seed_everything", "task_done", "thread_limits", "MODELS_KEPT", "RECORD_FORMAT", "FAULT_ENV", "ERROR_FILE", "TIMING_FILE"]
 
 RECORD_FORMAT = 1
 FAULT_ENV = "FASTINTERP_SWEEP_FAULT"
@@ -30,7 +31,8 @@ worker in the middle of the first task of that kind (after writing a half-finish
 ERROR_FILE = "error.json"
 TIMING_FILE = "timing.json"
 
-_MODELS: dict = {}  # this process's loaded models (a worker keeps the last two)
+MODELS_KEPT = 2
+_MODELS: dict = {}  # this process's loaded models, least recently used first
 _FILES: dict = {}  # (path, sha256) -> loaded dependency file
 
 
@@ -99,8 +101,10 @@ class Context:
 
         m = self.payload["model"]
         key = json.dumps([m, self.device], sort_keys=True)
-        if key not in _MODELS:
-            while len(_MODELS) >= 2:
+        if key in _MODELS:
+            _MODELS[key] = _MODELS.pop(key)  # most recently used last (the engine's RayEngine mirrors this)
+        else:
+            while len(_MODELS) >= MODELS_KEPT:
                 _MODELS.pop(next(iter(_MODELS)))
             torch.manual_seed(m["seed"])  # random weights: the model's own seed, as `fastinterp --seed`
             _MODELS[key] = load_clip(m["model"], m["pretrained"], device=self.device, checkpoint=m["checkpoint"])
@@ -191,24 +195,45 @@ def _start(folder: Path, key: str) -> None:
     (folder / "run.json").unlink(missing_ok=True)
 
 
-def _set_threads(n: int) -> None:
-    """torch's and Numba's thread pools to the task's CPUs (workers side by side must not
-    oversubscribe the node)."""
-    torch.set_num_threads(n)
+@contextlib.contextmanager
+def thread_limits(n: int):
+    """torch's, Numba's, OpenCV's and every loaded BLAS / OpenMP pool at the task's `n` CPUs
+    for the block, then back (workers side by side must not oversubscribe the node: one
+    OpenCV pool per worker sized to the whole machine cost the tasks a fifth of their time)."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    before = (torch.get_num_threads(), cv2.getNumThreads())
     try:
         import numba
     except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba = None
+    numba_before = numba.get_num_threads() if numba else None
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    if numba:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+        if numba:
+            numba.set_num_threads(numba_before)
 
 
 def execute(task: dict, root, run: dict) -> dict:
     """Run one task (a `Task.describe()` dict plus "payload" and "dep_folders"); returns
     {"id", "result", "seconds", "pid"}. `run`: seed, threads, device, dictionaries."""
+    t0 = (time.perf_counter(), time.process_time(), time.thread_time())
+    with thread_limits(run["threads"]):
+        return _execute(task, root, run, t0)
+
+
+def _execute(task: dict, root, run: dict, t0: tuple[float, float]) -> dict:
     from .kinds import KINDS
 
-    t0 = time.perf_counter()
-    _set_threads(run["threads"])
     ctx = Context(task, root, run)
     _start(ctx.folder, task["key"])
     _fault(task, ctx.folder, run.get("fault"))
@@ -219,9 +244,9 @@ def execute(task: dict, root, run: dict) -> dict:
     record = {"format": RECORD_FORMAT, "fastinterp": __version__, "task": task["id"], "kind": task["kind"],
               "key": task["key"], "coords": task["coords"], "settings": task["settings"], "inputs": task["inputs"],
               "outputs": ctx.outputs, "result": result}
-    seconds = time.perf_counter() - t0
-    with atomic_open(ctx.folder / TIMING_FILE, "w") as f:
-        json.dump({"seconds": seconds, "pid": os.getpid(), "device": ctx.device}, f)
+    seconds, cpu_seconds = time.perf_counter() - t0[0], time.process_time() - t0[1]
+    with atomic_open(ctx.folder / TIMING_FILE, "w") as f:  # cpu < wall: the task waited for a core
+        json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "thread_seconds": time.thread_time() - t0[2], "pid": os.getpid(), "device": ctx.device}, f)
     write_run_record(ctx.folder, record)  # last: the task counts as done from here on
     (ctx.folder / ERROR_FILE).unlink(missing_ok=True)
     (ctx.folder / "half-written.json").unlink(missing_ok=True)
