@@ -256,14 +256,13 @@ def mutual_shard(ctx) -> dict:
 def mutual_explain(ctx) -> dict:
     """The shards merged: per part method the dataset MI curve, its AUC and the mean MI."""
     from ..kernels.mi import curve_auc, dataset_curve
+    from ..mutual import part_methods
 
     records, unreadable = [], []
     for i in range(len(ctx.task["deps"]["shards"])):
         part = ctx.load_json("shards", "records.json", i)
         records += part["records"]
         unreadable += part["unreadable"]
-    from ..mutual import part_methods
-
     methods = part_methods(ctx.settings["parts"])
     summary, out = {}, {"images": len(records)}
     for m in methods:

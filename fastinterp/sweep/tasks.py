@@ -21,7 +21,8 @@ import torch
 from ..io import atomic_open, load_checked, read_run_record, save_checked, write_run_record
 from .inputs import resolve_dictionary
 
-__all__ = ["execute", "seed_everything", "task_done", "thread_limits", "MODELS_KEPT", "RECORD_FORMAT", "FAULT_ENV", "ERROR_FILE", "TIMING_FILE"]
+__all__ = ["execute", "seed_everything", "task_done", "thread_limits", "MODELS_KEPT", "RECORD_FORMAT", "FAULT_ENV",
+           "ERROR_FILE", "TIMING_FILE"]
 
 RECORD_FORMAT = 1
 FAULT_ENV = "FASTINTERP_SWEEP_FAULT"
@@ -198,8 +199,8 @@ def _start(folder: Path, key: str) -> None:
 @contextlib.contextmanager
 def thread_limits(n: int):
     """torch's, Numba's, OpenCV's and every loaded BLAS / OpenMP pool at the task's `n` CPUs
-    for the block, then back (workers side by side must not oversubscribe the node: one
-    OpenCV pool per worker sized to the whole machine cost the tasks a fifth of their time)."""
+    for the block, then back: workers side by side must not oversubscribe the node (a Ray
+    worker starts with OpenCV's and Numba's pools sized to the whole machine)."""
     import cv2
     from threadpoolctl import threadpool_limits
 
@@ -231,7 +232,7 @@ def execute(task: dict, root, run: dict) -> dict:
         return _execute(task, root, run, t0)
 
 
-def _execute(task: dict, root, run: dict, t0: tuple[float, float]) -> dict:
+def _execute(task: dict, root, run: dict, t0: tuple[float, float, float]) -> dict:
     from .kinds import KINDS
 
     ctx = Context(task, root, run)
@@ -244,9 +245,11 @@ def _execute(task: dict, root, run: dict, t0: tuple[float, float]) -> dict:
     record = {"format": RECORD_FORMAT, "fastinterp": __version__, "task": task["id"], "kind": task["kind"],
               "key": task["key"], "coords": task["coords"], "settings": task["settings"], "inputs": task["inputs"],
               "outputs": ctx.outputs, "result": result}
-    seconds, cpu_seconds = time.perf_counter() - t0[0], time.process_time() - t0[1]
+    seconds = time.perf_counter() - t0[0]
     with atomic_open(ctx.folder / TIMING_FILE, "w") as f:  # cpu < wall: the task waited for a core
-        json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "thread_seconds": time.thread_time() - t0[2], "pid": os.getpid(), "device": ctx.device}, f)
+        json.dump({"seconds": seconds, "cpu_seconds": time.process_time() - t0[1],  # all the process's threads
+                   "thread_seconds": time.thread_time() - t0[2],  # the task's own thread
+                   "pid": os.getpid(), "device": ctx.device}, f)
     write_run_record(ctx.folder, record)  # last: the task counts as done from here on
     (ctx.folder / ERROR_FILE).unlink(missing_ok=True)
     (ctx.folder / "half-written.json").unlink(missing_ok=True)
