@@ -85,12 +85,15 @@ def _layer_figure(rows: list[dict], model: str, path: Path) -> Path | None:
     metrics = [m for m in LAYER_FIGURES if any(r.get(m) is not None for r in mine)]
     if not metrics:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(4 * len(metrics), 3.2))
     for i, m in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
         for d in sorted({r["dictionary"] for r in mine if r.get(m) is not None}):
             pts = sorted((r["layer"], r[m]) for r in mine if r["dictionary"] == d and r.get(m) is not None)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=d)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_xlabel("layer")
         ax.set_title(m)
         ax.legend(fontsize=7)
@@ -107,21 +110,30 @@ def _model_means(rows: list[dict], models: list[str]) -> dict:
 
 
 def _models_figure(means: dict, path: Path) -> Path | None:
+    """One panel per headline figure (each on its own scale: fidelity is a cosine, accuracy a
+    percentage), a bar per model; a model without that figure shows "n/a"."""
     from matplotlib.figure import Figure
 
     metrics = [k for k in MODEL_FIGURES if any(v[k] is not None for v in means.values())]
     if not metrics:
         return None
     models = list(means)
-    fig = Figure(figsize=(max(5, 1.2 * len(metrics) * max(1, len(models)) / 2), 3.5))
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(1, len(models))
-    for j, m in enumerate(models):
-        ax.bar([i + j * width for i in range(len(metrics))], [means[m][k] or 0.0 for k in metrics], width, label=m)
-    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(metrics))], metrics, rotation=30,
-                  fontsize=8)
-    ax.set_title("headline figures by model (mean over layers and dictionaries)")
-    ax.legend(fontsize=7)
+    panel_w = max(3.0, 0.45 * len(models) + 1.2)
+    cols = max(1, min(4, len(metrics), int(16 // panel_w)))  # at most about 16 inches wide
+    rows = -(-len(metrics) // cols)
+    fig = Figure(figsize=(cols * panel_w, rows * 2.9))
+    for i, k in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        values = [means[m][k] for m in models]
+        bars = ax.bar(range(len(models)), [v or 0.0 for v in values], color=[f"C{j % 10}" for j in range(len(models))])
+        for b, v in zip(bars, values):
+            ax.annotate("n/a" if v is None else f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 3 else 0, ha="right"
+                      if len(models) > 3 else "center", fontsize=8)
+        ax.set_title(k, fontsize=9)
+        ax.margins(y=0.15)
+    fig.suptitle("headline figures by model (mean over layers and dictionaries)")
     fig.tight_layout()
     fig.savefig(path, dpi=90, metadata={"Software": None})
     return path
