@@ -295,8 +295,9 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
         descriptor_embeddings, class_embeddings_: precomputed raw (M, d) / unit (C, d)
             embeddings (skip encoding; the dataset runner passes them).
         visual: these images' vision side, from ``extract_visual_concepts`` with the same
-            parts, n_parts, facet, seed and crf (checked): skips it, so one vision pass serves
-            many descriptor banks; `images` may then be None.
+            parts, n_parts, facet, seed and crf (checked, as is the number of images; the
+            images themselves are not compared): skips it, so one vision pass serves many
+            descriptor banks; `images` may then be None.
         timings: a dict that gets the seconds of each stage added (``vision.stage``):
             "text_embeddings" (encoding or cache reads), the vision side's stages (see
             ``extract_visual_concepts``: "clip_forward_images", "clip_forward_parts",
@@ -358,8 +359,9 @@ def explain(model, preprocess, tokenizer, images, class_names: Sequence[str], de
 
 
 def _checked_visual(vc: VisualConcepts, B: int, methods, **settings) -> VisualConcepts:
-    """A given vision side, refused when it is of other images or other settings (its
-    parts would silently stand for another explanation)."""
+    """A given vision side, refused when it holds another number of images, lacks a part
+    method or was made with other settings (its parts would silently stand for another
+    explanation)."""
     if len(vc.image_embeddings) != B:
         raise ValueError(f"visual holds {len(vc.image_embeddings)} images but {B} were given")
     missing = [m for m in methods if m not in vc.parts]
