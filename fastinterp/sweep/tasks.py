@@ -120,8 +120,9 @@ class Context:
     def dep_record(self, role: str, index: int | None = None) -> dict:
         return read_run_record(self._dep_folder(role, index)) or {}
 
-    def dep_path(self, role: str, name: str, index: int | None = None) -> Path:
-        """A dependency's output file, after checking its bytes against the dependency's record."""
+    def _checked_dep(self, role: str, name: str, index: int | None) -> tuple[Path, str]:
+        """A dependency's output file and its SHA-256, after checking its bytes against the
+        dependency's record (hashed once: the hash is also the load cache's key)."""
         folder = self._dep_folder(role, index)
         rec = read_run_record(folder) or {}
         out = (rec.get("outputs") or {}).get(name)
@@ -129,10 +130,15 @@ class Context:
         if not out or not p.is_file() or _sha256(p) != out["sha256"]:
             raise RuntimeError(f"dependency output {str(p)!r} is missing or does not match its run record; "
                                f"rerun the sweep to rebuild it")
-        return p
+        return p, out["sha256"]
 
-    def _load(self, p: Path, loader):
-        key = (str(p), _sha256(p))
+    def dep_path(self, role: str, name: str, index: int | None = None) -> Path:
+        """A dependency's output file, after checking its bytes against the dependency's record."""
+        return self._checked_dep(role, name, index)[0]
+
+    def _load(self, role: str, name: str, index: int | None, loader):
+        p, digest = self._checked_dep(role, name, index)
+        key = (str(p), digest)
         if key not in _FILES:
             if len(_FILES) > 32:
                 _FILES.clear()
@@ -140,10 +146,10 @@ class Context:
         return _FILES[key]
 
     def load_pt(self, role: str, name: str, index: int | None = None) -> dict:
-        return self._load(self.dep_path(role, name, index), load_checked)
+        return self._load(role, name, index, load_checked)
 
     def load_json(self, role: str, name: str, index: int | None = None):
-        return self._load(self.dep_path(role, name, index), lambda p: json.loads(p.read_text(encoding="utf-8")))
+        return self._load(role, name, index, lambda p: json.loads(p.read_text(encoding="utf-8")))
 
     def embeddings(self, role: str = "encode") -> torch.Tensor:
         return self.load_pt(role, "embeddings.pt")["embeddings"]
